@@ -1,0 +1,177 @@
+"""Additive pre-softmax attention bias that keeps each subject's region and trigger tokens together.
+
+Image tokens in subject l's region are pushed away from the other subjects' text tokens (``-neg_scale``)
+and towards l's own tokens (``+pos_scale``); optionally l's text tokens are pushed towards l's region and
+away from everything else. Non-subject text tokens are never biased.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+
+def token_owner(subject_positions: Sequence[Sequence[int]], n_txt: int) -> Tensor:
+    """Owner subject of every text position: ``[T]`` long, -1 where no subject claims it."""
+    owner = torch.full((n_txt,), -1, dtype=torch.long)
+    for subject, positions in enumerate(subject_positions):
+        for pos in positions:
+            pos = int(pos)
+            if not 0 <= pos < n_txt:
+                raise ValueError(f"subject {subject}: text position {pos} outside 0..{n_txt - 1}")
+            claimed = int(owner[pos])
+            if claimed not in (-1, subject):
+                raise ValueError(f"text position {pos} is claimed by subjects {claimed} and {subject}")
+            owner[pos] = subject
+    return owner
+
+
+def _own_tokens(subject_positions: Sequence[Sequence[int]], n_txt: int, device: torch.device) -> Tensor:
+    """One-hot ownership ``[C, T]`` float32: 1 where text position t belongs to subject c."""
+    owner = token_owner(subject_positions, n_txt).to(device)  # [T]
+    subjects = torch.arange(len(subject_positions), device=device)  # [C]
+    return (owner[None, :] == subjects[:, None]).float()
+
+
+def _check_masks(masks: Tensor, subject_positions: Sequence[Sequence[int]]) -> Tensor:
+    if masks.dim() != 3:
+        raise ValueError(f"masks must be [B, C, N_img], got shape {tuple(masks.shape)}")
+    if masks.shape[1] != len(subject_positions):
+        raise ValueError(f"{masks.shape[1]} masks for {len(subject_positions)} subjects' positions")
+    return masks.float()
+
+
+def _image_to_text(masks: Tensor, own: Tensor, *, neg_scale: float, pos_scale: float, positive: bool) -> Tensor:
+    """Image -> text block ``[B, N_img, T]`` (masks ``[B, C, N_img]``, own ``[C, T]``)."""
+    others = own.sum(dim=0, keepdim=True) - own  # [C, T]: tokens of every subject but c
+    weight = -neg_scale * others  # [C, T]
+    if positive:
+        weight = weight + pos_scale * own
+    return torch.einsum("bcn,ct->bnt", masks, weight)
+
+
+def _text_to_image(masks: Tensor, own: Tensor, *, neg_scale: float, pos_scale: float, positive: bool) -> Tensor:
+    """Text -> image block ``[B, T, N_img]``: subject c's tokens towards its region, away from the rest."""
+    row = -neg_scale * (1.0 - masks)  # [B, C, N_img]
+    if positive:
+        row = row + pos_scale * masks
+    return torch.einsum("ct,bcn->btn", own, row)
+
+
+def joint_attention_bias(
+    masks: Tensor,
+    subject_positions: Sequence[Sequence[int]],
+    n_txt: int,
+    *,
+    neg_scale: float,
+    pos_scale: float,
+    positive: bool = True,
+    bidirectional: bool = True,
+) -> Tensor:
+    """Bias ``[B, T+N_img, T+N_img]`` float32 for the FLUX joint sequence ``[text | image]``.
+
+    ``masks``: ``[B, C, N_img]`` in {0, 1}, image tokens row-major; ``subject_positions[c]``: subject c's
+    text positions. Text->text and image->image blocks are zero.
+    """
+    masks = _check_masks(masks, subject_positions)  # [B, C, N_img]
+    batch, _, n_img = masks.shape
+    own = _own_tokens(subject_positions, n_txt, masks.device)  # [C, T]
+    scales = {"neg_scale": neg_scale, "pos_scale": pos_scale, "positive": positive}
+
+    bias = torch.zeros(batch, n_txt + n_img, n_txt + n_img, dtype=torch.float32, device=masks.device)
+    bias[:, n_txt:, :n_txt] = _image_to_text(masks, own, **scales)
+    if bidirectional:
+        bias[:, :n_txt, n_txt:] = _text_to_image(masks, own, **scales)
+    return bias
+
+
+def cross_attention_bias(
+    masks: Tensor,
+    subject_positions: Sequence[Sequence[int]],
+    n_txt: int,
+    *,
+    neg_scale: float,
+    pos_scale: float,
+    positive: bool = True,
+) -> Tensor:
+    """Image -> text bias ``[B, N_img, T]`` float32 for UNet cross-attention (SDXL)."""
+    masks = _check_masks(masks, subject_positions)  # [B, C, N_img]
+    own = _own_tokens(subject_positions, n_txt, masks.device)  # [C, T]
+    return _image_to_text(masks, own, neg_scale=neg_scale, pos_scale=pos_scale, positive=positive)
+
+
+def bias_for_call(bias: Tensor, cond_or_uncond: Sequence[int]) -> Tensor:
+    """Bias for one model call stacking ``len(cond_or_uncond)`` chunks of ``B_img`` rows.
+
+    Flag 0 (cond) chunks get ``bias`` (``[B_img, ...]``); flag 1 (uncond) chunks get zeros.
+    """
+    if not cond_or_uncond:
+        raise ValueError("cond_or_uncond is empty")
+    zeros = None
+    chunks = []
+    for flag in cond_or_uncond:
+        if flag == 0:
+            chunks.append(bias)
+        elif flag == 1:
+            if zeros is None:
+                zeros = torch.zeros_like(bias)
+            chunks.append(zeros)
+        else:
+            raise ValueError(f"cond_or_uncond entries must be 0 (cond) or 1 (uncond), got {flag!r}")
+    return torch.cat(chunks, dim=0)
+
+
+_BLOCK_FORMS = (
+    "accepted forms: 'all', 'none', 'double_stream_only', 'single_stream_only', 'last_half_double', "
+    "'transformer_blocks.<i>', 'single_transformer_blocks.<i>', "
+    "or a list such as 'double:0-18,single:0-37' / 'double:10-18' / 'double:0,2,single:5-7'"
+)
+_ITEM = re.compile(r"^(?:(double|single)\s*:)?\s*(\d+)\s*(?:-\s*(\d+))?$")
+
+
+def _parse_block_list(spec: str, n_double: int, n_single: int) -> tuple[frozenset[int], frozenset[int]]:
+    chosen: dict[str, set[int]] = {"double": set(), "single": set()}
+    limits = {"double": n_double, "single": n_single}
+    kind = None
+    for item in spec.split(","):
+        found = _ITEM.match(item.strip())
+        if found is None:
+            raise ValueError(f"bad block item {item.strip()!r} in {spec!r}; {_BLOCK_FORMS}")
+        kind = found.group(1) or kind
+        if kind is None:
+            raise ValueError(f"block list {spec!r} must start with 'double:' or 'single:'; {_BLOCK_FORMS}")
+        first = int(found.group(2))
+        last = int(found.group(3)) if found.group(3) is not None else first
+        if not first <= last < limits[kind]:
+            raise ValueError(f"{kind} blocks {first}-{last} outside 0..{limits[kind] - 1} in {spec!r}")
+        chosen[kind].update(range(first, last + 1))
+    return frozenset(chosen["double"]), frozenset(chosen["single"])
+
+
+def bias_blocks(preset: str, n_double: int, n_single: int) -> tuple[frozenset[int], frozenset[int]]:
+    """Double- and single-stream block indices that get the bias.
+
+    ``last_half_double`` is double blocks ``(n_double + 1) // 2 ..`` (10..18 of FLUX's 19, as official).
+    """
+    name = preset.strip().lower()
+    doubles = frozenset(range(n_double))
+    singles = frozenset(range(n_single))
+    if name == "all":
+        return doubles, singles
+    if name == "none":
+        return frozenset(), frozenset()
+    if name == "double_stream_only":
+        return doubles, frozenset()
+    if name == "single_stream_only":
+        return frozenset(), singles
+    if name == "last_half_double":
+        return frozenset(range((n_double + 1) // 2, n_double)), frozenset()
+    named = re.fullmatch(r"(single_)?transformer_blocks\.(\d+)", name)
+    if named:
+        name = f"{'single' if named.group(1) else 'double'}:{named.group(2)}"
+    if not name:
+        raise ValueError(f"empty block preset; {_BLOCK_FORMS}")
+    return _parse_block_list(name, n_double, n_single)
