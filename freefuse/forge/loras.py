@@ -1,0 +1,159 @@
+"""Subject LoRAs out of Forge's weight merge, and back in as masked runtime deltas.
+
+Forge keeps one entry per LoRA in ``unet.lora_patches``:
+``(filename, strength, strength_model, online) -> {param_key: [[strength, v, strength_model, offset, fn], ...]}``
+and merges whatever identifiers the patcher holds when the model loads. Popping a subject LoRA's identifier
+from a clone makes Forge restore the original weights and merge only the other LoRAs; nothing here writes a
+parameter or mutates the shared inner patch dicts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from freefuse.adapters import DenseDelta, LowRankFactor, MaskedDelta
+
+PatchEntry = list  # [strength, v, strength_model, offset, function]
+KEPT_SUFFIX = "#freefuse-kept"
+
+
+@dataclass
+class LayerAdapters:
+    """Runtime deltas of one model layer."""
+
+    module_path: str  # relative to the KModel, e.g. "diffusion_model.double_blocks.3.img_attn.qkv"
+    layout: str  # "image" | "text" | "joint" | "global"
+    delta: MaskedDelta
+
+
+@dataclass
+class RuntimeLoras:
+    layers: list[LayerAdapters] = field(default_factory=list)
+    left_merged: list[str] = field(default_factory=list)  # human-readable notes on patches kept in the merge
+    nbytes: int = 0
+
+
+def identifiers_by_file(lora_patches: dict) -> dict[str, list[tuple]]:
+    """Forge identifiers grouped by LoRA filename (one file may have been added with several strengths)."""
+    out: dict[str, list[tuple]] = {}
+    for ident in lora_patches:
+        out.setdefault(ident[0], []).append(ident)
+    return out
+
+
+def take_out(unet, filenames: list[str]) -> dict[str, list[tuple[tuple, dict]]]:
+    """Pop every identifier of the given LoRA files from ``unet`` (a clone); return them per file."""
+    by_file = identifiers_by_file(unet.lora_patches)
+    taken: dict[str, list[tuple[tuple, dict]]] = {}
+    for filename in filenames:
+        for ident in by_file.get(filename, []):
+            taken.setdefault(filename, []).append((ident, unet.lora_patches.pop(ident)))
+    return taken
+
+
+def _runtime_factor(entry: PatchEntry, owner: int) -> LowRankFactor | None:
+    """A plain LoRA patch as a low-rank factor; None when it needs the dense path."""
+    strength, v, strength_model, offset, function = entry
+    if strength_model != 1.0 or function is not None or not (isinstance(v, tuple) and len(v) == 2):
+        return None
+    kind, payload = v
+    if kind != "lora":
+        return None
+    up, down, alpha, mid, dora_scale = payload
+    if mid is not None or dora_scale is not None or up.ndim != 2 or down.ndim != 2:
+        return None
+    if offset is not None and offset[0] != 0:
+        return None
+    rank = down.shape[0]
+    scale = float(strength) * (float(alpha) / rank if alpha is not None else 1.0)
+    out_slice = (int(offset[1]), int(offset[2])) if offset is not None else None
+    return LowRankFactor(down=down, up=up, scale=scale, owner=owner, out_slice=out_slice)
+
+
+def _dense_delta(entry: PatchEntry, owner: int, weight_shape: torch.Size, merge: Callable | None) -> DenseDelta | str:
+    """LoHa/LoKr/diff/adaLN-swapped patches as a dense delta via Forge's own merge maths; a reason if not."""
+    v = entry[1]
+    kind = v[0] if isinstance(v, tuple) and len(v) == 2 else "diff"
+    if kind in ("glora", "set") or (kind == "lora" and v[1][4] is not None):
+        return f"{kind if kind != 'lora' else 'DoRA'} patches depend on the base weight"
+    if merge is None or len(weight_shape) != 2:
+        return f"{kind} patch on a {len(weight_shape)}-D weight"
+    zero = torch.zeros(tuple(weight_shape), dtype=torch.float32)
+    delta = merge([entry], zero, "freefuse")
+    return DenseDelta(weight=delta, owner=owner)
+
+
+def build_runtime_loras(
+    model,
+    taken: dict[str, list[tuple[tuple, dict]]],
+    owners: dict[str, int],
+    layout_of: Callable[[str], str | None],
+    merge: Callable | None = None,
+) -> tuple[RuntimeLoras, dict[tuple, dict]]:
+    """One MaskedDelta per target layer, for every taken LoRA.
+
+    ``model`` is the KModel (``unet.model``); ``owners`` maps filename -> subject index; ``layout_of`` maps a
+    module path like "double_blocks.0.img_attn.qkv" to its token layout or None when it cannot be masked;
+    ``merge`` is Forge's ``merge_lora_to_weight`` (for the dense path). Returns the runtime deltas and the
+    patches that must stay merged (re-added under new identifiers by the caller).
+    """
+    per_module: dict[str, tuple[list[LowRankFactor], list[DenseDelta]]] = {}
+    keep: dict[tuple, dict] = {}
+    result = RuntimeLoras()
+    for filename, idents in taken.items():
+        owner = owners[filename]
+        for ident, patches in idents:
+            for param_key, entries in patches.items():
+                module_path, _, param = param_key.rpartition(".")
+                inner = module_path.removeprefix("diffusion_model.")
+                layout = layout_of(inner) if param == "weight" else None
+                target = _resolve(model, module_path)
+                for entry in entries:
+                    reason = None
+                    if layout is None or target is None:
+                        reason = f"{param} of a layer FreeFuse does not mask"
+                    else:
+                        factor = _runtime_factor(entry, owner)
+                        if factor is not None:
+                            per_module.setdefault(module_path, ([], []))[0].append(factor)
+                            continue
+                        dense = _dense_delta(entry, owner, _weight_shape(target), merge)
+                        if isinstance(dense, DenseDelta):
+                            per_module.setdefault(module_path, ([], []))[1].append(dense)
+                            continue
+                        reason = dense
+                    kept_ident = (ident[0] + KEPT_SUFFIX, *ident[1:])
+                    keep.setdefault(kept_ident, {}).setdefault(param_key, []).append(entry)
+                    result.left_merged.append(f"{filename}: {inner}.{param} ({reason})")
+    for module_path, (factors, dense) in per_module.items():
+        target = _resolve(model, module_path)
+        out_features = _weight_shape(target)[0]
+        delta = MaskedDelta(out_features, factors, dense)
+        layout = layout_of(module_path.removeprefix("diffusion_model."))
+        result.layers.append(LayerAdapters(module_path, layout, delta))
+        result.nbytes += sum(f.down.numel() + f.up.numel() for f in factors) * 4
+        result.nbytes += sum(d.weight.numel() for d in dense) * 4
+    return result, keep
+
+
+def _resolve(model, module_path: str):
+    obj = model
+    for name in module_path.split("."):
+        obj = getattr(obj, name, None)
+        if obj is None:
+            return None
+    return obj
+
+
+def _weight_shape(module) -> torch.Size:
+    weight = getattr(module, "weight", None)
+    if weight is None:
+        return torch.Size()
+    # quantised weights (GGUF, bnb) keep the logical shape on the module where they can
+    out_f, in_f = getattr(module, "out_features", None), getattr(module, "in_features", None)
+    if out_f is not None and in_f is not None:
+        return torch.Size((out_f, in_f))
+    return weight.shape

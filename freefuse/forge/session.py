@@ -1,0 +1,492 @@
+"""One FreeFuse generation inside Forge: install every hook transactionally, remove all of them on any exit.
+
+Only one session is active at a time (Forge never runs two generations at once). Every hook holds its session
+and does nothing unless that session is the active one, so a hook that somehow survived is a no-op.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from freefuse import call_weights as cw
+from freefuse.bias import bias_blocks, bias_for_call, joint_attention_bias
+from freefuse.forge import flux as flux_layer
+from freefuse.forge.loras import RuntimeLoras, build_runtime_loras, take_out
+from freefuse.masks import FLUX, Capture, balance_params, compute_masks, similarity_maps
+from freefuse.partition import SubjectMasks, partition_balanced, partition_superpixels, resize_masks
+from freefuse.schedule import euler_step, is_step_start, step_index
+from freefuse.settings import FreeFuseSettings
+
+log = logging.getLogger("freefuse")
+
+_ACTIVE: Session | None = None
+
+
+@dataclass
+class SubjectSpec:
+    lora: str  # the name the user wrote in <lora:NAME:w>
+    filename: str  # Forge's identifier[0] for that LoRA
+    phrase: str
+    positions: list[int]  # trigger-token positions in the cond prompt's text sequence
+
+
+@dataclass
+class Plan:
+    """Everything one sampling pass needs, resolved before any hook is installed."""
+
+    settings: FreeFuseSettings
+    subjects: list[SubjectSpec]
+    background_positions: list[int] | None
+    n_txt_cond: int  # text tokens of the cond prompt
+    sigmas: torch.Tensor  # [steps + 1] the sampler's schedule
+    images: int  # batch size (images per chunk)
+    masks: SubjectMasks | None = None  # given for a hires pass: reuse, resized, no capture
+
+
+@dataclass
+class _Call:
+    shape: cw.CallShape
+    grid_hw: tuple[int, int]
+    step: int
+    mode: str
+    capture: bool
+    cache: dict = field(default_factory=dict)
+
+
+def active() -> Session | None:
+    return _ACTIVE
+
+
+def close_active(reason: str = "") -> None:
+    """Remove every hook of the active session, if any (safe to call at any time, any number of times)."""
+    if _ACTIVE is not None:
+        if reason:
+            log.info("FreeFuse: closing the previous session (%s)", reason)
+        _ACTIVE.close()
+
+
+class Session:
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.settings = plan.settings
+        self.messages: list[str] = []
+        self.masks: SubjectMasks | None = None
+        self.pending_maps = None
+        self.call: _Call | None = None
+        self.current_block: tuple[str, int] | None = None
+        self.in_phase1 = False
+        self.arm_phase1_capture = False
+        self.phase1_done = plan.masks is not None or plan.settings.schedule != "restart"
+        self.runtime: RuntimeLoras | None = None
+        self.capture_sigma: float | None = None
+        self._handles: list = []
+        self._restore: list = []
+        self._positions = [s.positions for s in plan.subjects]
+        self._pattern = (
+            cw.exclusion_pattern(self._positions, plan.n_txt_cond) if self.settings.token_exclusion else None
+        )
+        self.open = False
+
+    # ------------------------------------------------------------------ lifecycle
+    def install(self, unet):
+        """Clone ``unet``, take the subject LoRAs out of its merge, hook the shared model; return the clone.
+
+        On any failure everything installed so far is removed and the original ``unet`` is returned
+        untouched, with the reason in ``messages``.
+        """
+        global _ACTIVE
+        close_active("a new generation started")
+        clone = unet.clone()
+        try:
+            diffusion_model = clone.model.diffusion_model
+            if not flux_layer.is_flux(diffusion_model):
+                raise UnsupportedModel("this model is not FLUX; FreeFuse supports FLUX.1 here")
+            n_double = len(diffusion_model.double_blocks)
+            if self.settings.capture_block >= n_double:
+                raise UnsupportedModel(
+                    f"capture_block {self.settings.capture_block} does not exist (this model has double blocks "
+                    f"0-{n_double - 1})"
+                )
+            steps = self.plan.sigmas.numel() - 1
+            if self.plan.masks is None and self.settings.capture_step >= steps:
+                raise UnsupportedModel(
+                    f"capture_step {self.settings.capture_step} is not below the number of steps ({steps})"
+                )
+            self._bias_double, self._bias_single = bias_blocks(
+                self.settings.bias_blocks, n_double, len(diffusion_model.single_blocks)
+            )
+            if self.plan.masks is not None:
+                self.masks = self.plan.masks
+            self._install_loras(clone)
+            self._install_model_hooks(diffusion_model)
+            self._install_attention()
+            self._install_sampler_functions(clone)
+            self.open = True
+            _ACTIVE = self
+            return clone
+        except Exception as err:  # noqa: BLE001 - any failure leaves Forge as it was
+            self._remove_hooks()
+            self.messages.append(f"FreeFuse is off for this image: {err}")
+            if not isinstance(err, UnsupportedModel):
+                log.exception("FreeFuse: install failed")
+            return unet
+
+    def close(self) -> None:
+        global _ACTIVE
+        self._remove_hooks()
+        self.open = False
+        self.call = None
+        self.pending_maps = None
+        self.runtime = None
+        if _ACTIVE is self:
+            _ACTIVE = None
+
+    def _remove_hooks(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for restore in reversed(self._restore):
+            restore()
+        self._restore.clear()
+
+    def _live(self) -> bool:
+        return self.open and _ACTIVE is self
+
+    # ------------------------------------------------------------------ installation
+    def _install_loras(self, clone) -> None:
+        from backend.patcher.lora import merge_lora_to_weight
+
+        filenames = [s.filename for s in self.plan.subjects]
+        taken = take_out(clone, filenames)
+        missing = [s.lora for s in self.plan.subjects if s.filename not in taken]
+        if missing:
+            raise UnsupportedModel(f"LoRA {', '.join(missing)} has no weights for this model's denoiser")
+        owners = {s.filename: i for i, s in enumerate(self.plan.subjects)}
+        self.runtime, keep = build_runtime_loras(clone.model, taken, owners, flux_layer.layout_of, merge_lora_to_weight)
+        for ident, patches in keep.items():
+            clone.lora_patches[ident] = patches
+        if self.runtime.left_merged:
+            shown = "; ".join(self.runtime.left_merged[:3])
+            more = len(self.runtime.left_merged) - 3
+            self.messages.append(
+                f"{len(self.runtime.left_merged)} LoRA patches stay merged (not masked): {shown}"
+                + (f" and {more} more" if more > 0 else "")
+            )
+        if hasattr(clone, "add_extra_preserved_memory_during_sampling"):
+            clone.add_extra_preserved_memory_during_sampling(self.runtime.nbytes)
+        for layer in self.runtime.layers:
+            module = _resolve(clone.model, layer.module_path)
+            self._handles.append(module.register_forward_hook(_lora_hook(self, layer)))
+
+    def _install_model_hooks(self, diffusion_model) -> None:
+        self._handles.append(diffusion_model.register_forward_pre_hook(_call_hook(self), with_kwargs=True))
+        for kind, index, block in flux_layer.blocks(diffusion_model):
+            self._handles.append(block.register_forward_pre_hook(_block_hook(self, kind, index)))
+
+    def _install_attention(self) -> None:
+        import backend.nn.flux as flux_module
+
+        original = flux_module.attention
+        flux_module.attention = _attention(self, original, flux_module.apply_rope)
+
+        def restore():
+            flux_module.attention = original
+
+        self._restore.append(restore)
+
+    def _install_sampler_functions(self, clone) -> None:
+        if not self.phase1_done:
+            clone.add_sampler_pre_cfg_function(_phase1_function(self))
+        if self.settings.mask_method == "paper" and self.settings.schedule == "continue":
+            clone.set_model_sampler_post_cfg_function(_x0_function(self))
+
+    # ------------------------------------------------------------------ per call
+    def begin_call(self, x: torch.Tensor, context: torch.Tensor, options: dict) -> None:
+        cond_or_uncond = tuple(options.get("cond_or_uncond") or (0,))
+        grid = flux_layer.token_grid(x)
+        rows = x.shape[0]
+        shape = cw.CallShape(cond_or_uncond, rows // len(cond_or_uncond), grid[0] * grid[1], context.shape[1])
+        sigmas = options.get("sigmas")
+        sigma = float(sigmas.max()) if sigmas is not None else float(self.plan.sigmas[0])
+        step = step_index(self.plan.sigmas, sigma)
+        if self.in_phase1:
+            mode, capture = cw.OFF, self.arm_phase1_capture
+        elif self.masks is not None:
+            mode, capture = cw.MASKED, False
+        else:
+            mode = cw.FULL
+            capture = (
+                self.settings.schedule == "continue"
+                and self.pending_maps is None
+                and step == self.settings.capture_step
+                and is_step_start(self.plan.sigmas, sigma)
+                and 0 in cond_or_uncond
+            )
+        if capture:
+            self.capture_sigma = sigma
+        if mode == cw.MASKED and tuple(self.masks.grid_hw) != grid:
+            self.masks = _resized(self.masks, grid)
+        self.call = _Call(shape, grid, step, mode, capture)
+
+    def token_weights(self, layout: str, like: torch.Tensor) -> torch.Tensor | None:
+        """[rows, L, C] weights for a layer of this layout in the current call (None = all ones)."""
+        call = self.call
+        key = (layout, like.dtype, like.device)
+        if key in call.cache:
+            return call.cache[key]
+        n_subjects = len(self.plan.subjects)
+        masks = self.masks.masks if call.mode == cw.MASKED else None
+        if layout == "global":
+            weights = None if call.mode != cw.OFF else torch.zeros(call.shape.rows, 1, n_subjects)
+        elif layout == "image":
+            weights = cw.image_weights(call.shape, masks, n_subjects, call.mode)
+        elif layout == "text":
+            weights = cw.text_weights(call.shape, self._pattern, n_subjects, call.mode)
+        else:
+            weights = torch.cat(
+                [
+                    cw.text_weights(call.shape, self._pattern, n_subjects, call.mode),
+                    cw.image_weights(call.shape, masks, n_subjects, call.mode),
+                ],
+                dim=1,
+            )
+        if weights is not None:
+            weights = weights.to(device=like.device, dtype=like.dtype)
+        call.cache[key] = weights
+        return weights
+
+    def attention_bias(self, like: torch.Tensor) -> torch.Tensor | None:
+        """[rows, T + N, T + N] bias for the current call and block, or None."""
+        call = self.call
+        if call is None or call.mode != cw.MASKED or not self.settings.attention_bias:
+            return None
+        kind, index = self.current_block or ("", -1)
+        selected = self._bias_double if kind == "double" else self._bias_single
+        if index not in selected:
+            return None
+        key = ("bias", like.dtype, like.device)
+        if key not in call.cache:
+            n_txt = call.shape.n_txt
+            positions = [_repeat_positions(p, self.plan.n_txt_cond, n_txt) for p in self._positions]
+            per_image = joint_attention_bias(
+                self.masks.masks.flatten(2),
+                positions,
+                n_txt,
+                neg_scale=self.settings.bias_scale,
+                pos_scale=self.settings.bias_positive_scale,
+                positive=self.settings.bias_positive,
+                bidirectional=self.settings.bias_bidirectional,
+            )
+            call.cache[key] = bias_for_call(per_image, call.shape.cond_or_uncond).to(like.device, like.dtype)
+        return call.cache[key]
+
+    # ------------------------------------------------------------------ capture
+    def on_capture(self, capture: Capture) -> None:
+        """Maps from the capture block; masks now (official) or once the predicted x0 is known (paper)."""
+        call = self.call
+        call.capture = False
+        self.arm_phase1_capture = False
+        bg = self._background_positions()
+        try:
+            if self.settings.mask_method == "paper":
+                self.pending_maps = (
+                    similarity_maps(capture, self._positions, bg, self.settings, FLUX),
+                    capture.grid_hw,
+                )
+            else:
+                self.masks = compute_masks(capture, self._positions, bg, self.settings, FLUX)
+        except Exception as err:  # noqa: BLE001 - a failed capture must not break the generation
+            log.exception("FreeFuse: mask computation failed")
+            self.messages.append(f"FreeFuse could not compute masks ({err}); the subject LoRAs ran unmasked")
+
+    def finish_with_x0(self, x0: torch.Tensor) -> None:
+        """Paper method: superpixel voting on the predicted x0 latent [B, 16, h, w] of the capture step."""
+        if self.pending_maps is None or self.masks is not None:
+            return
+        maps, grid = self.pending_maps
+        self.pending_maps = None
+        try:
+            image = _latent_as_image(x0.float().cpu())
+            self.masks = partition_superpixels(
+                maps.subjects,
+                maps.background,
+                grid,
+                image,
+                n_segments=self.settings.slic_segments or None,
+                compactness=self.settings.slic_compactness,
+                bg_scale=self.settings.bg_scale,
+            )
+        except Exception as err:  # noqa: BLE001
+            log.exception("FreeFuse: superpixel voting failed")
+            self.messages.append(f"FreeFuse superpixel voting failed ({err}); used the balanced argmax instead")
+            self.masks = partition_balanced(
+                maps.subjects,
+                maps.background,
+                grid,
+                params=balance_params(self.settings, FLUX),
+                bg_scale=self.settings.bg_scale,
+                morphology=self.settings.morphology,
+            )
+
+    def _background_positions(self) -> list[int] | None:
+        return self.plan.background_positions
+
+    # ------------------------------------------------------------------ restart schedule
+    def run_phase1(self, model, cond, x, timestep, model_options) -> None:
+        """The restart schedule's extra cond-only evaluations, subject LoRAs off, on a copy of the noise."""
+        from backend.sampling.sampling_function import calc_cond_uncond_batch
+
+        sigmas = self.plan.sigmas
+        last = self.settings.capture_step
+        self.in_phase1 = True
+        try:
+            x_k = x.clone()
+            for k in range(last + 1):
+                self.arm_phase1_capture = k == last
+                t_k = torch.full_like(timestep, float(sigmas[k]))
+                cond_pred, _ = calc_cond_uncond_batch(model, cond, None, x_k, t_k, model_options)
+                if k < last:
+                    x_k = euler_step(x_k, cond_pred, float(sigmas[k]), float(sigmas[k + 1]))
+                elif self.pending_maps is not None:
+                    self.finish_with_x0(cond_pred)
+        finally:
+            self.in_phase1 = False
+            self.arm_phase1_capture = False
+            self.phase1_done = True
+        if self.masks is None:
+            self.messages.append("FreeFuse found no masks in the extra evaluations; the subject LoRAs ran unmasked")
+
+
+class UnsupportedModel(RuntimeError):
+    """A user-facing reason FreeFuse cannot run on this model or with these settings."""
+
+
+# ---------------------------------------------------------------------- hook factories (closures, not methods)
+def _call_hook(session: Session):
+    def hook(module, args, kwargs):
+        if session._live():
+            x = args[0] if args else kwargs["x"]
+            context = kwargs.get("context", args[2] if len(args) > 2 else None)
+            session.begin_call(x, context, kwargs.get("transformer_options") or {})
+        return None
+
+    return hook
+
+
+def _block_hook(session: Session, kind: str, index: int):
+    def hook(module, args):
+        if session._live():
+            session.current_block = (kind, index)
+        return None
+
+    return hook
+
+
+def _lora_hook(session: Session, layer):
+    cache: dict = {}
+
+    def hook(module, args, output):
+        if not session._live() or session.call is None or session.call.mode == cw.OFF:
+            return None
+        x = args[0]
+        key = (x.device, x.dtype)
+        if key not in cache:
+            cache.clear()
+            cache[key] = layer.delta.to(device=x.device, dtype=x.dtype)
+        weights = session.token_weights(layer.layout, x)
+        return output + cache[key](x, weights)
+
+    return hook
+
+
+def _attention(session: Session, original, apply_rope):
+    def attention(q, k, v, pe):
+        if not session._live() or session.call is None:
+            return original(q, k, v, pe)
+        call = session.call
+        if call.capture and session.current_block == ("double", session.settings.capture_block):
+            out = original(q, k, v, pe)
+            _capture(session, q, k, pe, out)
+            return out
+        bias = session.attention_bias(q)
+        if bias is None:
+            return original(q, k, v, pe)
+        return flux_layer.biased_attention(apply_rope, q, k, v, pe, bias)
+
+    return attention
+
+
+def _capture(session: Session, q, k, pe, out) -> None:
+    call = session.call
+    import backend.nn.flux as flux_module
+
+    rows = _cond_rows(call.shape)
+    n_txt = call.shape.n_txt
+    q_r, k_r = flux_module.apply_rope(q[rows], k[rows], pe[rows] if pe.shape[0] > 1 else pe)
+    q_r, k_r = q_r.float(), k_r.float()
+    capture = Capture(
+        q_img=q_r[:, :, n_txt:],
+        k_img=k_r[:, :, n_txt:],
+        k_txt=k_r[:, :, :n_txt],
+        q_txt=q_r[:, :, :n_txt],
+        o_img=out[rows, n_txt:].float(),
+        grid_hw=call.grid_hw,
+    )
+    session.on_capture(capture)
+
+
+def _phase1_function(session: Session):
+    def pre_cfg(model, cond, uncond, x, timestep, model_options):
+        if session._live() and not session.phase1_done:
+            session.run_phase1(model, cond, x, timestep, model_options)
+        return model, cond, uncond, x, timestep, model_options
+
+    return pre_cfg
+
+
+def _x0_function(session: Session):
+    def post_cfg(args):
+        if session._live() and session.pending_maps is not None:
+            session.finish_with_x0(args["cond_denoised"])
+        return args["denoised"]
+
+    return post_cfg
+
+
+# ---------------------------------------------------------------------- small helpers
+def _cond_rows(shape: cw.CallShape) -> torch.Tensor:
+    rows = [
+        chunk * shape.images + i
+        for chunk, kind in enumerate(shape.cond_or_uncond)
+        if kind == 0
+        for i in range(shape.images)
+    ]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def _repeat_positions(positions: list[int], n_cond: int, n_call: int) -> list[int]:
+    """Cond text positions repeated the way Forge repeats a shorter cond to the call's text length."""
+    return [p + r * n_cond for r in range(max(1, n_call // n_cond)) for p in positions if p + r * n_cond < n_call]
+
+
+def _resized(masks: SubjectMasks, grid: tuple[int, int]) -> SubjectMasks:
+    resized = resize_masks(masks.masks, grid, mode="nearest")
+    background = (1.0 - resized.amax(dim=1)).clamp(0.0, 1.0)
+    return SubjectMasks(masks=resized, background=background)
+
+
+def _latent_as_image(latent: torch.Tensor) -> torch.Tensor:
+    """Predicted x0 latent [B, C, h, w] -> [B, C, h, w] in [0, 1] per channel, for SLIC (no VAE decode)."""
+    low = latent.amin(dim=(2, 3), keepdim=True)
+    high = latent.amax(dim=(2, 3), keepdim=True)
+    return (latent - low) / (high - low).clamp_min(1e-6)
+
+
+def _resolve(model, module_path: str):
+    obj = model
+    for name in module_path.split("."):
+        obj = getattr(obj, name)
+    return obj

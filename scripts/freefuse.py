@@ -1,0 +1,185 @@
+"""FreeFuse for Forge: the txt2img accordion, its arguments, infotext paste-back and XYZ axes.
+
+Thin glue: arguments become a validated ``FreeFuseSettings`` and each Forge callback is handed to
+``freefuse.forge.generation.Generation``. No maths here.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+from modules import script_callbacks, scripts
+from modules.ui_components import InputAccordion
+
+from freefuse.forge import session as sessions
+from freefuse.forge.generation import Generation
+from freefuse.script_args import XYZ_AXES, settings_from_args
+from freefuse.settings import (
+    BIAS_PRESETS,
+    INFOTEXT_KEY,
+    MASK_METHODS,
+    SCHEDULES,
+    FreeFuseSettings,
+    setting_help,
+)
+
+TITLE = "FreeFuse"
+DEFAULTS = FreeFuseSettings.defaults("flux")
+
+
+def _tip(name: str) -> dict:
+    return {
+        "label": name.replace("_", " ").capitalize(),
+        "value": getattr(DEFAULTS, name),
+        "info": setting_help(name),
+    }
+
+
+class FreeFuseScript(scripts.Script):
+    sorting_priority = 14
+
+    def __init__(self):
+        self.generation: Generation | None = None
+
+    def title(self):
+        return TITLE
+
+    def show(self, is_img2img):
+        return scripts.AlwaysVisible if not is_img2img else False
+
+    def ui(self, is_img2img):
+        c = {}
+        with InputAccordion(False, label=TITLE, elem_id=self.elem_id("enabled")) as enabled:
+            c["enabled"] = enabled
+            gr.Markdown(
+                "Two or more character LoRAs in one picture, each kept to its own subject. Write each LoRA's "
+                "trigger phrase in the prompt, e.g. `<lora:harry:1> <lora:daiyu:1> harry_potter and daiyu_lin "
+                "hugging`."
+            )
+            c["subjects"] = gr.Textbox(
+                lines=2,
+                placeholder="harry: harry_potter\ndaiyu: daiyu_lin",
+                **_tip("subjects"),
+                elem_id=self.elem_id("subjects"),
+            )
+            with gr.Row():
+                c["mask_method"] = gr.Radio(choices=list(MASK_METHODS), **_tip("mask_method"))
+                c["schedule"] = gr.Radio(choices=list(SCHEDULES), **_tip("schedule"))
+            c["show_masks"] = gr.Checkbox(**_tip("show_masks"))
+            with gr.Accordion("Advanced", open=False):
+                with gr.Row():
+                    c["capture_block"] = gr.Slider(minimum=0, maximum=18, step=1, **_tip("capture_block"))
+                    c["capture_step"] = gr.Slider(minimum=0, maximum=50, step=1, **_tip("capture_step"))
+                with gr.Row():
+                    c["top_k_ratio"] = gr.Slider(minimum=0.01, maximum=1.0, step=0.01, **_tip("top_k_ratio"))
+                    c["temperature"] = gr.Number(minimum=1, **_tip("temperature"))
+                with gr.Row():
+                    c["background"] = gr.Textbox(**_tip("background"))
+                    c["eos_background"] = gr.Checkbox(**_tip("eos_background"))
+                with gr.Row():
+                    c["bg_scale"] = gr.Slider(minimum=0.1, maximum=3.0, step=0.01, **_tip("bg_scale"))
+                    c["morphology"] = gr.Checkbox(**_tip("morphology"))
+                with gr.Row():
+                    c["balance_iterations"] = gr.Slider(minimum=0, maximum=100, step=1, **_tip("balance_iterations"))
+                    c["balance_lr"] = gr.Number(**_tip("balance_lr"))
+                    c["gravity"] = gr.Number(**_tip("gravity"))
+                    c["spatial"] = gr.Number(**_tip("spatial"))
+                with gr.Row():
+                    c["momentum"] = gr.Slider(minimum=0.0, maximum=0.99, step=0.01, **_tip("momentum"))
+                    c["centroid_margin"] = gr.Slider(minimum=0.0, maximum=0.99, step=0.01, **_tip("centroid_margin"))
+                    c["border_penalty"] = gr.Number(**_tip("border_penalty"))
+                    c["anisotropy"] = gr.Slider(minimum=0.5, maximum=2.0, step=0.05, **_tip("anisotropy"))
+                with gr.Row():
+                    c["sink_top_ratio"] = gr.Slider(minimum=0.001, maximum=0.2, step=0.001, **_tip("sink_top_ratio"))
+                    c["sink_border"] = gr.Slider(minimum=0, maximum=8, step=1, **_tip("sink_border"))
+                    c["salient_ratio"] = gr.Slider(minimum=0.001, maximum=0.2, step=0.001, **_tip("salient_ratio"))
+                with gr.Row():
+                    c["slic_segments"] = gr.Number(minimum=0, precision=0, **_tip("slic_segments"))
+                    c["slic_compactness"] = gr.Number(minimum=0.1, **_tip("slic_compactness"))
+                with gr.Row():
+                    c["attention_bias"] = gr.Checkbox(**_tip("attention_bias"))
+                    c["bias_scale"] = gr.Slider(minimum=0.0, maximum=10.0, step=0.1, **_tip("bias_scale"))
+                    c["bias_positive_scale"] = gr.Slider(
+                        minimum=0.0, maximum=10.0, step=0.1, **_tip("bias_positive_scale")
+                    )
+                with gr.Row():
+                    c["bias_positive"] = gr.Checkbox(**_tip("bias_positive"))
+                    c["bias_bidirectional"] = gr.Checkbox(**_tip("bias_bidirectional"))
+                    c["bias_blocks"] = gr.Dropdown(
+                        choices=list(BIAS_PRESETS), allow_custom_value=True, **_tip("bias_blocks")
+                    )
+                    c["token_exclusion"] = gr.Checkbox(**_tip("token_exclusion"))
+
+        names = list(DEFAULTS.to_dict())
+        assert list(c) == names, "UI order must be the settings order (the positional API depends on it)"
+        self.infotext_fields = [(c["enabled"], lambda d: INFOTEXT_KEY in d)] + [
+            (c[name], _from_infotext(name)) for name in names[1:]
+        ]
+        self.paste_field_names = []
+        return [c[name] for name in names]
+
+    # ------------------------------------------------------------------ Forge callbacks
+    def process(self, p, *args):
+        sessions.close_active("a new generation started")
+        self.generation = None
+        settings, problems = settings_from_args(args, overrides=getattr(p, "freefuse_xyz", None))
+        if problems:
+            message = "FreeFuse is off for this generation: " + "; ".join(problems)
+            print(message)
+            p.comment(message)
+            return
+        if settings is None or not settings.enabled:
+            return
+        self.generation = Generation(settings)
+        self.generation.record_settings(p)
+
+    def process_before_every_sampling(self, p, *args, **kwargs):
+        if self.generation is not None:
+            self.generation.before_sampling(p)
+
+    def postprocess_batch(self, p, *args, images=None, batch_number=0, **kwargs):
+        if self.generation is not None:
+            self.generation.after_batch(p, images, batch_number)
+
+    def postprocess(self, p, processed, *args):
+        if self.generation is not None:
+            self.generation.close()
+        sessions.close_active()
+
+
+def _from_infotext(name: str):
+    def read(params: dict):
+        text = params.get(INFOTEXT_KEY)
+        if not text:
+            return gr.update()
+        try:
+            settings, _ = FreeFuseSettings.from_infotext(text)
+        except ValueError:
+            return gr.update()
+        return getattr(settings, name)
+
+    return read
+
+
+def _add_xyz_axes():
+    for data in scripts.scripts_data:
+        if data.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid") and hasattr(data.module, "AxisOption"):
+            module = data.module
+            existing = {getattr(a, "label", None) for a in module.axis_options}
+            for label, name, kind, choices in XYZ_AXES:
+                if label in existing:
+                    continue
+                extra = {"choices": (lambda c=choices: c)} if choices else {}
+                module.axis_options.append(module.AxisOptionTxt2Img(label, kind, _xyz_apply(name), **extra))
+
+
+def _xyz_apply(name: str):
+    def apply(p, value, values):
+        overrides = dict(getattr(p, "freefuse_xyz", None) or {})
+        overrides[name] = value
+        p.freefuse_xyz = overrides
+
+    return apply
+
+
+script_callbacks.on_before_ui(_add_xyz_axes)
+script_callbacks.on_script_unloaded(lambda: sessions.close_active("scripts reloaded"))
