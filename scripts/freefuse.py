@@ -162,7 +162,7 @@ def _from_infotext(name: str):
 
 def _add_xyz_axes():
     for data in scripts.scripts_data:
-        if data.script_class.__module__ in ("xyz_grid.py", "scripts.xyz_grid") and hasattr(data.module, "AxisOption"):
+        if data.script_class.__module__ == "xyz_grid.py" and hasattr(data.module, "AxisOptionTxt2Img"):
             module = data.module
             existing = {getattr(a, "label", None) for a in module.axis_options}
             for label, name, kind, choices in XYZ_AXES:
@@ -181,5 +181,6 @@ def _xyz_apply(name: str):
     return apply
 
 
-script_callbacks.on_before_ui(_add_xyz_axes)
+_add_xyz_axes()  # xyz_grid.py (a root script) is loaded before extension scripts
+script_callbacks.on_before_ui(_add_xyz_axes)  # and again after a UI reload; adding is idempotent
 script_callbacks.on_script_unloaded(lambda: sessions.close_active("scripts reloaded"))

@@ -1,4 +1,7 @@
-"""Shared test configuration: deterministic torch, a repo root on sys.path."""
+"""Shared test configuration: deterministic torch on one thread, the repo root on sys.path.
+
+One thread: on a 2-core CI machine tiny tensor ops are far slower with two threads contending.
+"""
 
 import sys
 from pathlib import Path
@@ -15,4 +18,5 @@ def _seed_torch():
     import torch
 
     torch.manual_seed(0)
+    torch.set_num_threads(1)
     yield

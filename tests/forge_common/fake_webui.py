@@ -1,0 +1,195 @@
+"""A stand-in for the webui side of Forge that scripts/freefuse.py touches (not the backend).
+
+Mirrors, from Forge's source: ``modules.scripts`` (Script, AlwaysVisible, scripts_data), ``script_callbacks``
+(on_before_ui, on_script_unloaded), ``modules.ui_components.InputAccordion``, ``modules.prompt_parser`` (AND
+split and prompt schedules: the two functions FreeFuse calls, simplified to what decides "one fixed prompt"),
+``modules.extra_networks.get_user_metadata``, the LoRA extension's ``networks.loaded_networks``, a gradio
+that records components, and a txt2img processing object with the attributes FreeFuse reads. The T5 engine's
+``tokenize_line`` follows backend/text_processing/t5_engine.py: segment tokens, EOS (id 1), pad (id 0) to 256.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import types
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+
+
+# ---------------------------------------------------------------------- gradio
+class Component:
+    def __init__(self, *args, **kwargs):
+        self.kwargs = kwargs
+        self.value = kwargs.get("value")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def _gradio() -> types.ModuleType:
+    gr = types.ModuleType("gradio")
+    for name in ("Textbox", "Radio", "Checkbox", "Slider", "Number", "Dropdown", "Markdown", "Row", "Accordion"):
+        setattr(gr, name, type(name, (Component,), {}))
+    gr.update = lambda **kw: {"__type__": "update", **kw}
+    return gr
+
+
+# ---------------------------------------------------------------------- modules.*
+def _modules(state) -> dict[str, types.ModuleType]:
+    modules = types.ModuleType("modules")
+    modules.__path__ = []
+
+    scripts = types.ModuleType("modules.scripts")
+
+    class Script:
+        def elem_id(self, item):
+            return f"script_txt2img_freefuse_{item}"
+
+    scripts.Script = Script
+    scripts.AlwaysVisible = object()
+    scripts.scripts_data = state.scripts_data
+
+    callbacks = types.ModuleType("modules.script_callbacks")
+    callbacks.on_before_ui = lambda fn: state.callbacks.setdefault("before_ui", []).append(fn)
+    callbacks.on_script_unloaded = lambda fn: state.callbacks.setdefault("script_unloaded", []).append(fn)
+
+    ui_components = types.ModuleType("modules.ui_components")
+
+    class InputAccordion(Component):
+        def __init__(self, value, **kwargs):
+            super().__init__(value=value, **kwargs)
+
+    ui_components.InputAccordion = InputAccordion
+
+    prompt_parser = types.ModuleType("modules.prompt_parser")
+
+    def get_multicond_prompt_list(prompts):
+        return [[(i, 1.0) for i, _ in enumerate(re.split(r"\bAND\b", p))] for p in prompts], [], {}
+
+    def get_learned_conditioning_prompt_schedules(prompts, steps, *args, **kwargs):
+        scheduled = re.compile(r"\[[^\[\]]*(:[^\[\]]*:|\|)[^\[\]]*\]")
+        return [[[steps, p]] if not scheduled.search(p) else [[steps // 2, p], [steps, p]] for p in prompts]
+
+    prompt_parser.get_multicond_prompt_list = get_multicond_prompt_list
+    prompt_parser.get_learned_conditioning_prompt_schedules = get_learned_conditioning_prompt_schedules
+
+    extra_networks = types.ModuleType("modules.extra_networks")
+    extra_networks.get_user_metadata = lambda filename, lister=None: dict(state.user_metadata.get(filename, {}))
+
+    networks = types.ModuleType("networks")
+    networks.loaded_networks = state.loaded_networks
+
+    modules.scripts, modules.script_callbacks, modules.ui_components = scripts, callbacks, ui_components
+    modules.prompt_parser, modules.extra_networks = prompt_parser, extra_networks
+    return {
+        "gradio": _gradio(),
+        "modules": modules,
+        "modules.scripts": scripts,
+        "modules.script_callbacks": callbacks,
+        "modules.ui_components": ui_components,
+        "modules.prompt_parser": prompt_parser,
+        "modules.extra_networks": extra_networks,
+        "networks": networks,
+    }
+
+
+@dataclass
+class WebuiState:
+    scripts_data: list = field(default_factory=list)
+    callbacks: dict = field(default_factory=dict)
+    loaded_networks: list = field(default_factory=list)
+    user_metadata: dict = field(default_factory=dict)
+
+    def load_lora(self, name: str, filename: str, metadata: dict | None = None, activation_text: str = ""):
+        """What networks.load_networks leaves behind for one <lora:name:w> tag."""
+        on_disk = types.SimpleNamespace(filename=filename, name=name, alias=name, metadata=metadata or {})
+        self.loaded_networks.append(types.SimpleNamespace(name=name, mentioned_name=name, network_on_disk=on_disk))
+        if activation_text:
+            self.user_metadata[filename] = {"activation text": activation_text}
+
+
+@contextmanager
+def installed_webui():
+    """Put the fake webui modules into sys.modules (and the script module), restoring everything after."""
+    state = WebuiState()
+    fakes = _modules(state)
+    saved = {name: sys.modules.get(name) for name in [*fakes, "freefuse_script"]}
+    sys.modules.update(fakes)
+    try:
+        yield state
+    finally:
+        for name, module in saved.items():
+            if module is None:
+                sys.modules.pop(name, None)
+            else:
+                sys.modules[name] = module
+
+
+# ---------------------------------------------------------------------- T5 engine and processing object
+class ToyT5Tokenizer:
+    """SentencePiece-shaped pieces: '▁word' per word, '_' split out ("harry_potter" -> ▁harry _ potter)."""
+
+    def __init__(self):
+        self.vocab: dict[str, int] = {"<pad>": 0, "</s>": 1}
+
+    def _id(self, piece):
+        return self.vocab.setdefault(piece, len(self.vocab))
+
+    def __call__(self, texts, add_special_tokens=False, **kwargs):
+        out = []
+        for text in texts:
+            ids = []
+            for word in text.split():
+                parts = [p for p in re.split(r"(_|,)", word) if p]
+                ids += [self._id(("▁" if i == 0 else "") + part) for i, part in enumerate(parts)]
+            out.append(ids)
+        return {"input_ids": out}
+
+    def convert_ids_to_tokens(self, ids):
+        inverse = {v: k for k, v in self.vocab.items()}
+        return [inverse[i] for i in ids]
+
+
+class T5Engine:
+    """tokenize_line as backend/text_processing/t5_engine.py: emphasis removed, EOS, padded to min_length."""
+
+    id_end, id_pad = 1, 0
+
+    def __init__(self, tokenizer=None, min_length=8):
+        self.tokenizer = tokenizer or ToyT5Tokenizer()
+        self.min_length = min_length
+
+    def tokenize_line(self, line):
+        text = re.sub(r"\(([^():]*)(:[\d.]+)?\)", r"\1", line)  # "(word:1.2)" -> "word"
+        ids = self.tokenizer([text], add_special_tokens=False)["input_ids"][0] + [self.id_end]
+        ids += [self.id_pad] * max(0, self.min_length - len(ids))
+        return [types.SimpleNamespace(tokens=ids, multipliers=[1.0] * len(ids))], len(ids)
+
+
+class Processing:
+    """The attributes of StableDiffusionProcessingTxt2Img that FreeFuse reads or writes."""
+
+    def __init__(self, prompt_with_tags: str, unet, *, steps=4, batch_size=1, engine=None, sigmas=None):
+        self.prompt = prompt_with_tags
+        clean = re.sub(r"<lora:[^>]*>", "", prompt_with_tags).strip()
+        self.prompts = [clean] * batch_size
+        self.all_prompts = list(self.prompts)
+        self.steps, self.batch_size, self.iteration = steps, batch_size, 0
+        self.is_hr_pass = False
+        self.extra_generation_params: dict = {}
+        self.extra_result_images: list = []
+        self.comments: dict = {}
+        self.sd_model = types.SimpleNamespace(
+            forge_objects=types.SimpleNamespace(unet=unet), text_processing_engine_t5=engine or T5Engine()
+        )
+        self._sigmas = sigmas if sigmas is not None else torch.linspace(1.0, 0.0, steps + 1)
+        self.sampler = types.SimpleNamespace(get_sigmas=lambda p, steps: self._sigmas)
+
+    def comment(self, text):
+        self.comments[text] = 1

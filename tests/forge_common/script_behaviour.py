@@ -1,0 +1,186 @@
+"""The FreeFuse script as Forge drives it: args, process, process_before_every_sampling, postprocess_batch.
+
+Runs against either harness's backend, with the webui side faked (tests/forge_common/fake_webui.py).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from freefuse.forge import session as sessions
+from freefuse.settings import FreeFuseSettings, setting_names
+from tests.forge_common.fake_webui import Processing, T5Engine, installed_webui
+
+ROOT = Path(__file__).resolve().parents[2]
+PROMPT = "<lora:A:1> <lora:B:1> photo of harry_potter and daiyu_lin hugging"
+N_TXT = 16
+ON = {"enabled": True, "capture_block": 1, "capture_step": 1}  # the tiny test model has 3 double blocks
+
+
+@pytest.fixture
+def webui():
+    with installed_webui() as state:
+        spec = importlib.util.spec_from_file_location("freefuse_script", ROOT / "scripts" / "freefuse.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        state.module = module
+        yield state
+        sessions.close_active()
+
+
+@pytest.fixture
+def model(harness, webui):
+    unet = harness.make_flux_unet(seed=0)
+    loras = {n: harness.make_lora(unet, name=n, seed=i + 1) for i, n in enumerate("AB")}
+    webui.load_lora("A", loras["A"].filename, activation_text="harry_potter")
+    webui.load_lora("B", loras["B"].filename, metadata={"modelspec.trigger_phrase": "daiyu_lin"})
+    return unet, harness.add_loras(unet, [(loras["A"], 1.0), (loras["B"], 1.0)]), loras
+
+
+def generate(harness, webui, unet, args, *, prompt=PROMPT, batch=1, cfg=1.0, steps=4, xyz=None):
+    """One txt2img job: the callbacks in Forge's order around the harness's sampling."""
+    script = webui.module.FreeFuseScript()
+    script.ui(False)
+    p = Processing(prompt, unet, steps=steps, batch_size=batch, engine=T5Engine(min_length=N_TXT))
+    if xyz:
+        p.freefuse_xyz = xyz
+    script.process(p, *args)
+
+    def before(unet_, sigmas, x, cond, uncond):
+        p._sigmas = sigmas
+        p.sd_model.forge_objects.unet = unet_
+        script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
+        return p.sd_model.forge_objects.unet
+
+    latent = harness.sample(unet, before_sampling=before, batch=batch, cfg=cfg, steps=steps, n_txt=N_TXT, seed=21)
+    images = torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    script.postprocess_batch(p, *args, images=images, batch_number=0)
+    script.postprocess(p, types.SimpleNamespace(), *args)
+    p.latent = latent
+    return p
+
+
+def subjects_line(p, index=0):
+    value = p.extra_generation_params.get("FreeFuse subjects")
+    return value(p=p, index=index, all_prompts=p.all_prompts) if callable(value) else value
+
+
+def test_ui_returns_one_component_per_setting_in_settings_order(webui):
+    script = webui.module.FreeFuseScript()
+    components = script.ui(False)
+    assert len(components) == len(setting_names())
+    assert components[0].value is False  # the accordion is off by default
+    assert [c.value for c in components[1:]] == list(FreeFuseSettings.defaults("flux").to_dict().values())[1:]
+    assert len(script.infotext_fields) == len(components)
+    assert script.show(True) is False and script.show(False) is webui.module.scripts.AlwaysVisible
+
+
+def test_two_subjects_from_the_prompt_get_masks_a_picture_and_infotext(harness, webui, model):
+    unet, both, loras = model
+    attention = harness.flux_module.attention
+    p = generate(harness, webui, both, [ON])
+    assert not p.comments, p.comments
+    assert len(p.extra_result_images) == 1 and p.extra_result_images[0].size == (64, 64)
+    line = subjects_line(p)
+    assert line.startswith("A: harry_potter ") and ", B: daiyu_lin " in line and line.endswith("%")
+    assert json.loads(p.extra_generation_params["FreeFuse"]) == {
+        "v": 1,
+        "family": "flux",
+        "capture_block": 1,
+        "capture_step": 1,
+    }
+    assert sessions.active() is None and harness.flux_module.attention is attention
+
+
+def test_batch_two_with_cfg_gives_a_picture_and_summary_per_image(harness, webui, model):
+    unet, both, loras = model
+    p = generate(harness, webui, both, [{**ON, "schedule": "continue"}], batch=2, cfg=2.0)
+    assert not p.comments, p.comments
+    assert len(p.extra_result_images) == 2
+    assert subjects_line(p, 0) and subjects_line(p, 1)
+
+
+def test_one_subject_is_not_enough_and_the_user_is_told(harness, webui, model):
+    unet, both, loras = model
+    plain = harness.sample(both, n_txt=N_TXT, seed=21)
+    p = generate(harness, webui, both, [ON], prompt="<lora:A:1> <lora:B:1> photo of harry_potter alone")
+    text = " ".join(p.comments)
+    assert "LoRA 'B' stays global" in text and "at least two subject LoRAs" in text
+    assert p.extra_result_images == []
+    torch.testing.assert_close(p.latent, plain, rtol=0, atol=0)
+
+
+def test_bad_api_values_turn_freefuse_off_with_one_sentence_each(harness, webui, model):
+    unet, both, loras = model
+    plain = harness.sample(both, n_txt=N_TXT, seed=21)
+    p = generate(harness, webui, both, [{"enabled": True, "tempurature": 1, "top_k_ratio": 3}])
+    text = " ".join(p.comments)
+    assert "unknown setting 'tempurature' (did you mean 'temperature'?)" in text
+    assert "top_k_ratio must be in (0, 1]; got 3" in text
+    torch.testing.assert_close(p.latent, plain, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("prompt", "reason"),
+    [
+        ("<lora:A:1> <lora:B:1> harry_potter AND daiyu_lin", "uses AND"),
+        ("<lora:A:1> <lora:B:1> [harry_potter:daiyu_lin:2] and daiyu_lin", "scheduling"),
+        ("<lora:A:1> <lora:B:1> harry_potter BREAK daiyu_lin", "BREAK"),
+    ],
+)
+def test_unsupported_prompt_syntax_is_explained_and_the_image_still_generated(harness, webui, model, prompt, reason):
+    unet, both, loras = model
+    p = generate(harness, webui, both, [ON], prompt=prompt)
+    assert reason in " ".join(p.comments)
+    assert torch.isfinite(p.latent).all() and sessions.active() is None
+
+
+def test_a_lora_tag_forge_did_not_load_is_reported(harness, webui, model):
+    unet, both, loras = model
+    p = generate(harness, webui, both, [ON], prompt="<lora:ghost:1> " + PROMPT)
+    assert "LoRA 'ghost' in the prompt was not loaded by Forge" in " ".join(p.comments)
+    assert len(p.extra_result_images) == 1  # the two real subjects still work
+
+
+def test_infotext_paste_back_restores_every_setting(webui):
+    script = webui.module.FreeFuseScript()
+    script.ui(False)
+    chosen = FreeFuseSettings.defaults("flux").replace(enabled=True, mask_method="paper", temperature=300.0)
+    params = {"FreeFuse": chosen.to_infotext("flux")}
+    restored = [reader(params) if callable(reader) else params.get(reader) for _, reader in script.infotext_fields]
+    assert restored == list(chosen.to_dict().values())
+    assert script.infotext_fields[0][1]({}) is False  # no FreeFuse key: the accordion stays closed
+
+
+def test_xyz_axes_are_offered_and_override_the_ui(harness, webui, model):
+    xyz = types.SimpleNamespace(axis_options=[], AxisOptionTxt2Img=lambda label, kind, apply, **kw: (label, apply))
+    webui.scripts_data.append(
+        types.SimpleNamespace(script_class=type("X", (), {"__module__": "xyz_grid.py"}), module=xyz)
+    )
+    webui.module._add_xyz_axes()
+    labels = [label for label, _ in xyz.axis_options]
+    assert "[FreeFuse] Capture step" in labels and "[FreeFuse] Mask method" in labels
+    cell = types.SimpleNamespace()
+    dict(xyz.axis_options)["[FreeFuse] Capture step"](cell, 2, [1, 2])
+    unet, both, loras = model
+    p = generate(harness, webui, both, [ON], xyz=cell.freefuse_xyz)
+    assert json.loads(p.extra_generation_params["FreeFuse"])["capture_step"] == 2
+
+
+def test_script_reload_closes_a_session_left_open(harness, webui, model):
+    unet, both, loras = model
+    script = webui.module.FreeFuseScript()
+    p = Processing(PROMPT, both, engine=T5Engine(min_length=N_TXT))
+    script.process(p, ON)
+    p._sigmas = torch.linspace(1, 0, 5)
+    script.process_before_every_sampling(p, ON)
+    assert sessions.active() is not None  # e.g. an interrupted generation never reached postprocess
+    for callback in webui.callbacks["script_unloaded"]:
+        callback()
+    assert sessions.active() is None

@@ -1,0 +1,1 @@
+"""Stand-in test tier: FreeFuse's Forge layer against a small stand-in of Forge's backend (see conftest)."""

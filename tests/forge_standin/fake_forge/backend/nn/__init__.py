@@ -1,0 +1,1 @@
+"""Stand-in subpackage (see backend/__init__.py)."""
