@@ -341,3 +341,26 @@ def test_capture_step_beyond_the_schedule_is_refused(flux):
     assert session.install(both) is both
     assert "capture_step 9 is not below the number of steps (4)" in " ".join(session.messages)
     assert sessions.active() is None
+
+
+def test_capture_reads_the_cond_rows_of_a_cfg_batch(flux):
+    """At step 0 the latent is the same with and without CFG, so the cond rows' capture must be too."""
+    harness, unet, loras = flux
+    both = harness.add_loras(unet, [(loras["A"], 1.0), (loras["B"], 1.0)])
+    captured = {}
+    for cfg in (1.0, 3.0):
+        runner = Runner(harness, _settings(schedule="continue", capture_step=0), [loras["A"], loras["B"]])
+        original = Session.on_capture
+
+        def spy(self, capture, cfg=cfg, original=original):
+            captured[cfg] = capture
+            return original(self, capture)
+
+        Session.on_capture = spy
+        try:
+            runner.sample(both, seed=14, steps=2, cfg=cfg, batch=2)
+        finally:
+            Session.on_capture = original
+    assert captured[1.0].q_img.shape[0] == 2 == captured[3.0].q_img.shape[0]
+    torch.testing.assert_close(captured[3.0].q_img, captured[1.0].q_img, **TOL)
+    torch.testing.assert_close(captured[3.0].o_img, captured[1.0].o_img, **TOL)

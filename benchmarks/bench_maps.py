@@ -1,0 +1,168 @@
+"""Time both similarity-map methods at real model shapes, side by side in one run.
+
+    python benchmarks/bench_maps.py [--quick] [--device cpu|cuda|all] [--dtype float32|bfloat16]
+
+Shapes (C = 2 subjects, batch 1 = the cond row):
+* FLUX 1024x1024, double block: N_img 4096 (64x64), T 512, 24 heads x 128, o_img 3072; official with the
+  image-axis softmax, logit scale 1/1000, tau 4000, EOS background; paper with text->image rows.
+* SDXL 1024x1024, output_blocks.0 (32x32): N_img 1024, T 77, 20 heads x 64, o_img 1280; official with the
+  text-axis softmax, scale 1/sqrt(64), tau 1000, no background; paper with image->text rows.
+
+Wall time is the median of the repeats after one warm-up call. Peak memory: on CUDA
+``torch.cuda.max_memory_allocated`` minus the memory held before the call; on CPU the rise of the process's
+peak resident set (VmHWM in /proc/self/status, reset through /proc/self/clear_refs before each call) over
+the resident set before the call. The CPU number therefore counts every allocation the call touches
+(torch's and the allocator's), not Python objects only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from freefuse.maps import official_similarity_maps, paper_similarity_maps  # noqa: E402
+
+SHAPES = {
+    # name: (grid_hw, text tokens, heads, head dim, o_img features)
+    "FLUX 1024^2": ((64, 64), 512, 24, 128, 3072),
+    "SDXL 1024^2": ((32, 32), 77, 20, 64, 1280),
+}
+SUBJECTS = [list(range(10, 18)), list(range(30, 36))]  # 8 and 6 concept tokens
+EOS = [60]
+
+
+def _proc_status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def _reset_peak_rss() -> bool:
+    """Hand freed heap memory back to the OS (glibc malloc_trim), then reset VmHWM to the current RSS."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _measure(fn: Callable[[], object], device: str, repeats: int) -> tuple[float, float | None]:
+    """(median seconds, peak extra MiB or None when it cannot be measured)."""
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+    elif _reset_peak_rss():
+        before = _proc_status_kib("VmRSS")
+        fn()
+        peak = (_proc_status_kib("VmHWM") - before) / 1024
+    else:
+        peak = None
+    return statistics.median(times), peak
+
+
+def _inputs(name: str, device: str, dtype: torch.dtype) -> dict[str, object]:
+    grid, n_txt, heads, dim, features = SHAPES[name]
+    n_img = grid[0] * grid[1]
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    return dict(
+        grid=grid,
+        q_img=rand(1, heads, n_img, dim),
+        k_img=rand(1, heads, n_img, dim),
+        q_txt=rand(1, heads, n_txt, dim),
+        k_txt=rand(1, heads, n_txt, dim),
+        o_img=rand(1, n_img, features),
+        dim=dim,
+    )
+
+
+def _cases(name: str, x: dict[str, object]) -> dict[str, Callable[[], object]]:
+    if name.startswith("FLUX"):
+        return {
+            "official": lambda: official_similarity_maps(
+                x["q_img"], x["k_txt"], x["o_img"], SUBJECTS, EOS, logit_scale=1 / 1000, temperature=4000.0
+            ),
+            "paper": lambda: paper_similarity_maps(
+                x["q_img"], x["k_img"], SUBJECTS, EOS, grid_hw=x["grid"], q_txt=x["q_txt"]
+            ),
+        }
+    return {
+        "official": lambda: official_similarity_maps(
+            x["q_img"],
+            x["k_txt"],
+            x["o_img"],
+            SUBJECTS,
+            logit_scale=x["dim"] ** -0.5,
+            temperature=1000.0,
+            cross_softmax="text",
+        ),
+        "paper": lambda: paper_similarity_maps(
+            x["q_img"], x["k_img"], SUBJECTS, grid_hw=x["grid"], k_txt=x["k_txt"], cross_direction="image_to_text"
+        ),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer repeats (about 30 s on 2 CPU cores)")
+    parser.add_argument("--device", choices=["cpu", "cuda", "all"], default="all")
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="input dtype")
+    args = parser.parse_args()
+
+    devices = ["cpu", "cuda"] if args.device == "all" else [args.device]
+    devices = [d for d in devices if d == "cpu" or torch.cuda.is_available()]
+    if not devices:
+        sys.exit("CUDA requested but not available")
+    dtype = getattr(torch, args.dtype)
+    memory_kind = {"cpu": "peak RSS rise (VmHWM)", "cuda": "max_memory_allocated rise"}
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, inputs {args.dtype}, C=2")
+    header = f"{'shape':<12} {'device':<6} {'method':<9} {'median ms':>10} {'peak MiB':>9} {'vs official':>12}"
+    print(header)
+    print("-" * len(header))
+    for device in devices:
+        repeats = {"cpu": 3 if args.quick else 10, "cuda": 10 if args.quick else 50}[device]
+        for name in SHAPES:
+            x = _inputs(name, device, dtype)
+            results = {method: _measure(fn, device, repeats) for method, fn in _cases(name, x).items()}
+            base = results["official"][0]
+            for method, (seconds, peak) in results.items():
+                peak_text = f"{peak:9.1f}" if peak is not None else f"{'n/a':>9}"
+                ratio = f"{seconds / base:11.2f}x"
+                print(f"{name:<12} {device:<6} {method:<9} {seconds * 1e3:10.1f} {peak_text} {ratio}")
+            del x
+    print("peak memory: " + "; ".join(f"{d}: {memory_kind[d]} during one call" for d in devices))
+
+
+if __name__ == "__main__":
+    main()
