@@ -397,7 +397,7 @@ def _lora_hook(session: Session, layer):
             cache.clear()
             cache[key] = layer.delta.to(device=x.device, dtype=x.dtype)
         weights = session.token_weights(layer.layout, x)
-        return output + cache[key](x, weights)
+        return cache[key].add_to(output, x, weights)
 
     return hook
 
