@@ -80,3 +80,19 @@ def text_weights(
         if kind == 0:
             weights[chunk * shape.images : (chunk + 1) * shape.images] = repeated
     return weights
+
+
+def repeat_positions(positions: Sequence[int], n_cond: int, n_call: int) -> list[int]:
+    """Cond text positions as they recur when Forge repeats a shorter cond up to a call's text length."""
+    return [p + r * n_cond for r in range(max(1, n_call // n_cond)) for p in positions if p + r * n_cond < n_call]
+
+
+def cond_rows(shape: CallShape) -> torch.Tensor:
+    """Row indices of the cond chunks of a call, in order (one per image)."""
+    rows = [
+        chunk * shape.images + i
+        for chunk, kind in enumerate(shape.cond_or_uncond)
+        if kind == 0
+        for i in range(shape.images)
+    ]
+    return torch.tensor(rows, dtype=torch.long)

@@ -52,6 +52,11 @@ class SubjectMasks:
     def grid_hw(self) -> tuple[int, int]:
         return int(self.masks.shape[-2]), int(self.masks.shape[-1])
 
+    def resized(self, size_hw: tuple[int, int]) -> SubjectMasks:
+        """The same masks on another grid (hires pass, another UNet level), nearest so they stay hard."""
+        masks = resize_masks(self.masks, size_hw, mode="nearest")
+        return SubjectMasks(masks=masks, background=(1.0 - masks.amax(dim=1)).clamp(0.0, 1.0))
+
 
 def _max_window(x: Tensor, kernel: int, pad_before: int, value: float) -> Tensor:
     """Max over a ``kernel`` x ``kernel`` window; pads ``pad_before`` rows/cols before, the rest after."""

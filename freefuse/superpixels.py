@@ -26,6 +26,26 @@ class SuperpixelVote:
     grid_labels: Tensor  # [B, h, w] long, majority of pixel_labels per token cell
 
 
+def latent_to_rgb(latent: Tensor) -> Tensor:
+    """A predicted-x0 latent [B, C, h, w] as a [B, 3, h, w] picture in [0, 1] for SLIC, without the VAE.
+
+    Per image, the three principal components of the C channels (over pixels), each min-max scaled: the
+    directions along which the latent's colours vary most, so SLIC's colour distance still separates regions.
+    """
+    pictures = []
+    for one in latent.detach().float():
+        pixels = one.flatten(1).T  # [h*w, C]
+        centred = pixels - pixels.mean(dim=0, keepdim=True)
+        _, _, v = torch.linalg.svd(centred, full_matrices=False)  # v: [min(C, h*w), C]
+        components = centred @ v[:3].T  # [h*w, <=3]
+        if components.shape[1] < 3:
+            components = F.pad(components, (0, 3 - components.shape[1]))
+        low, high = components.amin(dim=0), components.amax(dim=0)
+        scaled = (components - low) / (high - low).clamp_min(1e-6)
+        pictures.append(scaled.T.reshape(3, *one.shape[1:]))
+    return torch.stack(pictures)
+
+
 def default_n_segments(height: int, width: int) -> int:
     """The paper's superpixel count: the square root of the image area, rounded."""
     return max(1, round(math.sqrt(height * width)))

@@ -127,6 +127,9 @@ class Generation:
         if problem:
             self.say(p, f"{problem}. Generated without FreeFuse")
             return None
+        if not hasattr(p.sampler, "get_sigmas"):
+            self.say(p, "this sampler has no sigma schedule; FreeFuse needs a k-diffusion sampler such as Euler")
+            return None
         tokens = forge_subjects.t5_tokens(sd_model, prompt)
         candidates, notes = forge_subjects.lora_candidates(getattr(p, "prompt", prompt))
         for note in notes:

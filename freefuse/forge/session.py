@@ -7,18 +7,20 @@ and does nothing unless that session is the active one, so a hook that somehow s
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from freefuse import call_weights as cw
 from freefuse.bias import bias_blocks, bias_for_call, joint_attention_bias
 from freefuse.forge import flux as flux_layer
+from freefuse.forge import hooks
 from freefuse.forge.loras import RuntimeLoras, build_runtime_loras, take_out
 from freefuse.masks import FLUX, Capture, balance_params, compute_masks, similarity_maps
-from freefuse.partition import SubjectMasks, partition_balanced, partition_superpixels, resize_masks
+from freefuse.partition import SubjectMasks, partition_balanced, partition_superpixels
 from freefuse.schedule import euler_step, is_step_start, step_index
 from freefuse.settings import FreeFuseSettings
+from freefuse.superpixels import default_n_segments, latent_to_rgb
 
 log = logging.getLogger("freefuse")
 
@@ -53,7 +55,6 @@ class _Call:
     step: int
     mode: str
     capture: bool
-    cache: dict = field(default_factory=dict)
 
 
 def active() -> Session | None:
@@ -73,7 +74,7 @@ class Session:
         self.plan = plan
         self.settings = plan.settings
         self.messages: list[str] = []
-        self.masks: SubjectMasks | None = None
+        self._masks: SubjectMasks | None = None
         self.pending_maps = None
         self.call: _Call | None = None
         self.current_block: tuple[str, int] | None = None
@@ -88,7 +89,17 @@ class Session:
         self._pattern = (
             cw.exclusion_pattern(self._positions, plan.n_txt_cond) if self.settings.token_exclusion else None
         )
+        self._cache: dict = {}  # token weights and bias per call shape: built once, reused every step
         self.open = False
+
+    @property
+    def masks(self) -> SubjectMasks | None:
+        return self._masks
+
+    @masks.setter
+    def masks(self, value: SubjectMasks | None) -> None:
+        self._masks = value
+        self._cache.clear()  # weights and bias derived from the old masks are stale
 
     # ------------------------------------------------------------------ lifecycle
     def install(self, unet):
@@ -141,6 +152,7 @@ class Session:
         self.call = None
         self.pending_maps = None
         self.runtime = None
+        self._cache.clear()
         if _ACTIVE is self:
             _ACTIVE = None
 
@@ -152,7 +164,8 @@ class Session:
             restore()
         self._restore.clear()
 
-    def _live(self) -> bool:
+    def live(self) -> bool:
+        """True while this session is installed and is the active one (hooks act only then)."""
         return self.open and _ACTIVE is self
 
     # ------------------------------------------------------------------ installation
@@ -178,19 +191,19 @@ class Session:
         if hasattr(clone, "add_extra_preserved_memory_during_sampling"):
             clone.add_extra_preserved_memory_during_sampling(self.runtime.nbytes)
         for layer in self.runtime.layers:
-            module = _resolve(clone.model, layer.module_path)
-            self._handles.append(module.register_forward_hook(_lora_hook(self, layer)))
+            module = hooks.resolve(clone.model, layer.module_path)
+            self._handles.append(module.register_forward_hook(hooks.lora_hook(self, layer)))
 
     def _install_model_hooks(self, diffusion_model) -> None:
-        self._handles.append(diffusion_model.register_forward_pre_hook(_call_hook(self), with_kwargs=True))
+        self._handles.append(diffusion_model.register_forward_pre_hook(hooks.call_hook(self), with_kwargs=True))
         for kind, index, block in flux_layer.blocks(diffusion_model):
-            self._handles.append(block.register_forward_pre_hook(_block_hook(self, kind, index)))
+            self._handles.append(block.register_forward_pre_hook(hooks.block_hook(self, kind, index)))
 
     def _install_attention(self) -> None:
         import backend.nn.flux as flux_module
 
         original = flux_module.attention
-        flux_module.attention = _attention(self, original, flux_module.apply_rope)
+        flux_module.attention = hooks.attention(self, original, flux_module.apply_rope)
 
         def restore():
             flux_module.attention = original
@@ -199,9 +212,9 @@ class Session:
 
     def _install_sampler_functions(self, clone) -> None:
         if not self.phase1_done:
-            clone.add_sampler_pre_cfg_function(_phase1_function(self))
+            clone.add_sampler_pre_cfg_function(hooks.phase1_function(self))
         if self.settings.mask_method == "paper" and self.settings.schedule == "continue":
-            clone.set_model_sampler_post_cfg_function(_x0_function(self))
+            clone.set_model_sampler_post_cfg_function(hooks.x0_function(self))
 
     # ------------------------------------------------------------------ per call
     def begin_call(self, x: torch.Tensor, context: torch.Tensor, options: dict) -> None:
@@ -228,20 +241,20 @@ class Session:
         if capture:
             self.capture_sigma = sigma
         if mode == cw.MASKED and tuple(self.masks.grid_hw) != grid:
-            self.masks = _resized(self.masks, grid)
+            self.masks = self.masks.resized(grid)
         self.call = _Call(shape, grid, step, mode, capture)
 
     def token_weights(self, layout: str, like: torch.Tensor) -> torch.Tensor | None:
         """[rows, L, C] weights for a layer of this layout in the current call (None = all ones)."""
         call = self.call
-        key = (layout, like.dtype, like.device)
-        if key in call.cache:
-            return call.cache[key]
+        if layout == "global":
+            return None
+        key = (layout, call.shape, call.mode, like.dtype, like.device)
+        if key in self._cache:
+            return self._cache[key]
         n_subjects = len(self.plan.subjects)
         masks = self.masks.masks if call.mode == cw.MASKED else None
-        if layout == "global":
-            weights = None if call.mode != cw.OFF else torch.zeros(call.shape.rows, 1, n_subjects)
-        elif layout == "image":
+        if layout == "image":
             weights = cw.image_weights(call.shape, masks, n_subjects, call.mode)
         elif layout == "text":
             weights = cw.text_weights(call.shape, self._pattern, n_subjects, call.mode)
@@ -253,9 +266,8 @@ class Session:
                 ],
                 dim=1,
             )
-        if weights is not None:
-            weights = weights.to(device=like.device, dtype=like.dtype)
-        call.cache[key] = weights
+        weights = weights.to(device=like.device, dtype=like.dtype)
+        self._cache[key] = weights
         return weights
 
     def attention_bias(self, like: torch.Tensor) -> torch.Tensor | None:
@@ -267,10 +279,10 @@ class Session:
         selected = self._bias_double if kind == "double" else self._bias_single
         if index not in selected:
             return None
-        key = ("bias", like.dtype, like.device)
-        if key not in call.cache:
+        key = ("bias", call.shape, like.dtype, like.device)
+        if key not in self._cache:
             n_txt = call.shape.n_txt
-            positions = [_repeat_positions(p, self.plan.n_txt_cond, n_txt) for p in self._positions]
+            positions = [cw.repeat_positions(p, self.plan.n_txt_cond, n_txt) for p in self._positions]
             per_image = joint_attention_bias(
                 self.masks.masks.flatten(2),
                 positions,
@@ -280,8 +292,8 @@ class Session:
                 positive=self.settings.bias_positive,
                 bidirectional=self.settings.bias_bidirectional,
             )
-            call.cache[key] = bias_for_call(per_image, call.shape.cond_or_uncond).to(like.device, like.dtype)
-        return call.cache[key]
+            self._cache[key] = bias_for_call(per_image, call.shape.cond_or_uncond).to(like.device, like.dtype)
+        return self._cache[key]
 
     # ------------------------------------------------------------------ capture
     def on_capture(self, capture: Capture) -> None:
@@ -309,13 +321,14 @@ class Session:
         maps, grid = self.pending_maps
         self.pending_maps = None
         try:
-            image = _latent_as_image(x0.float().cpu())
+            image = latent_to_rgb(x0.float().cpu())  # [B, 3, h, w] at latent size (1/8 of the pixels)
+            pixels_h, pixels_w = 8 * image.shape[-2], 8 * image.shape[-1]
             self.masks = partition_superpixels(
                 maps.subjects,
                 maps.background,
                 grid,
                 image,
-                n_segments=self.settings.slic_segments or None,
+                n_segments=self.settings.slic_segments or default_n_segments(pixels_h, pixels_w),
                 compactness=self.settings.slic_compactness,
                 bg_scale=self.settings.bg_scale,
             )
@@ -362,131 +375,3 @@ class Session:
 
 class UnsupportedModel(RuntimeError):
     """A user-facing reason FreeFuse cannot run on this model or with these settings."""
-
-
-# ---------------------------------------------------------------------- hook factories (closures, not methods)
-def _call_hook(session: Session):
-    def hook(module, args, kwargs):
-        if session._live():
-            x = args[0] if args else kwargs["x"]
-            context = kwargs.get("context", args[2] if len(args) > 2 else None)
-            session.begin_call(x, context, kwargs.get("transformer_options") or {})
-        return None
-
-    return hook
-
-
-def _block_hook(session: Session, kind: str, index: int):
-    def hook(module, args):
-        if session._live():
-            session.current_block = (kind, index)
-        return None
-
-    return hook
-
-
-def _lora_hook(session: Session, layer):
-    cache: dict = {}
-
-    def hook(module, args, output):
-        if not session._live() or session.call is None or session.call.mode == cw.OFF:
-            return None
-        x = args[0]
-        key = (x.device, x.dtype)
-        if key not in cache:
-            cache.clear()
-            cache[key] = layer.delta.to(device=x.device, dtype=x.dtype)
-        weights = session.token_weights(layer.layout, x)
-        return cache[key].add_to(output, x, weights)
-
-    return hook
-
-
-def _attention(session: Session, original, apply_rope):
-    def attention(q, k, v, pe):
-        if not session._live() or session.call is None:
-            return original(q, k, v, pe)
-        call = session.call
-        if call.capture and session.current_block == ("double", session.settings.capture_block):
-            out = original(q, k, v, pe)
-            _capture(session, q, k, pe, out)
-            return out
-        bias = session.attention_bias(q)
-        if bias is None:
-            return original(q, k, v, pe)
-        return flux_layer.biased_attention(apply_rope, q, k, v, pe, bias)
-
-    return attention
-
-
-def _capture(session: Session, q, k, pe, out) -> None:
-    call = session.call
-    import backend.nn.flux as flux_module
-
-    rows = _cond_rows(call.shape)
-    n_txt = call.shape.n_txt
-    q_r, k_r = flux_module.apply_rope(q[rows], k[rows], pe[rows] if pe.shape[0] > 1 else pe)
-    q_r, k_r = q_r.float(), k_r.float()
-    capture = Capture(
-        q_img=q_r[:, :, n_txt:],
-        k_img=k_r[:, :, n_txt:],
-        k_txt=k_r[:, :, :n_txt],
-        q_txt=q_r[:, :, :n_txt],
-        o_img=out[rows, n_txt:].float(),
-        grid_hw=call.grid_hw,
-    )
-    session.on_capture(capture)
-
-
-def _phase1_function(session: Session):
-    def pre_cfg(model, cond, uncond, x, timestep, model_options):
-        if session._live() and not session.phase1_done:
-            session.run_phase1(model, cond, x, timestep, model_options)
-        return model, cond, uncond, x, timestep, model_options
-
-    return pre_cfg
-
-
-def _x0_function(session: Session):
-    def post_cfg(args):
-        if session._live() and session.pending_maps is not None:
-            session.finish_with_x0(args["cond_denoised"])
-        return args["denoised"]
-
-    return post_cfg
-
-
-# ---------------------------------------------------------------------- small helpers
-def _cond_rows(shape: cw.CallShape) -> torch.Tensor:
-    rows = [
-        chunk * shape.images + i
-        for chunk, kind in enumerate(shape.cond_or_uncond)
-        if kind == 0
-        for i in range(shape.images)
-    ]
-    return torch.tensor(rows, dtype=torch.long)
-
-
-def _repeat_positions(positions: list[int], n_cond: int, n_call: int) -> list[int]:
-    """Cond text positions repeated the way Forge repeats a shorter cond to the call's text length."""
-    return [p + r * n_cond for r in range(max(1, n_call // n_cond)) for p in positions if p + r * n_cond < n_call]
-
-
-def _resized(masks: SubjectMasks, grid: tuple[int, int]) -> SubjectMasks:
-    resized = resize_masks(masks.masks, grid, mode="nearest")
-    background = (1.0 - resized.amax(dim=1)).clamp(0.0, 1.0)
-    return SubjectMasks(masks=resized, background=background)
-
-
-def _latent_as_image(latent: torch.Tensor) -> torch.Tensor:
-    """Predicted x0 latent [B, C, h, w] -> [B, C, h, w] in [0, 1] per channel, for SLIC (no VAE decode)."""
-    low = latent.amin(dim=(2, 3), keepdim=True)
-    high = latent.amax(dim=(2, 3), keepdim=True)
-    return (latent - low) / (high - low).clamp_min(1e-6)
-
-
-def _resolve(model, module_path: str):
-    obj = model
-    for name in module_path.split("."):
-        obj = getattr(obj, name)
-    return obj

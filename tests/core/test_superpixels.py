@@ -151,3 +151,16 @@ def test_bad_image_shapes_are_rejected():
         partition_superpixels(maps, None, (4, 4), torch.rand(1, 1, 32, 32))
     with pytest.raises(ValueError):
         partition_superpixels(maps, None, (4, 4), torch.rand(2, 3, 32, 32))
+
+
+def test_latent_to_rgb_keeps_regions_apart_for_slic():
+    from freefuse.superpixels import latent_to_rgb
+
+    # a 16-channel latent whose left and right halves differ along one random direction
+    direction = torch.randn(16)
+    latent = torch.randn(2, 16, 12, 20) * 0.05
+    latent[:, :, :, 10:] += direction[None, :, None, None]
+    rgb = latent_to_rgb(latent)
+    assert rgb.shape == (2, 3, 12, 20) and float(rgb.min()) >= 0.0 and float(rgb.max()) <= 1.0
+    gap = (rgb[:, :, :, :10].mean(dim=(2, 3)) - rgb[:, :, :, 10:].mean(dim=(2, 3))).abs().amax(dim=1)
+    assert bool((gap > 0.8).all())  # the first component separates the halves almost fully
