@@ -1,4 +1,5 @@
-"""Time both similarity-map methods at real model shapes, side by side in one run.
+"""Time both mask methods at real model shapes, side by side in one run: the similarity maps alone, and the
+whole mask computation (maps + balanced argmax / superpixel voting), as a user's capture step pays it.
 
     python benchmarks/bench_maps.py [--quick] [--device cpu|cuda|all] [--dtype float32|bfloat16]
 
@@ -30,6 +31,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from freefuse.maps import official_similarity_maps, paper_similarity_maps  # noqa: E402
+from freefuse.masks import FLUX, SDXL, Capture, compute_masks  # noqa: E402
+from freefuse.settings import FreeFuseSettings  # noqa: E402
 
 SHAPES = {
     # name: (grid_hw, text tokens, heads, head dim, o_img features)
@@ -106,7 +109,29 @@ def _inputs(name: str, device: str, dtype: torch.dtype) -> dict[str, object]:
     )
 
 
+def _mask_cases(name: str, x: dict[str, object]) -> dict[str, Callable[[], object]]:
+    """Maps + partition through freefuse.masks.compute_masks, with the family's default settings."""
+    family, traits = ("flux", FLUX) if name.startswith("FLUX") else ("sdxl", SDXL)
+    capture = Capture(
+        q_img=x["q_img"], k_img=x["k_img"], k_txt=x["k_txt"], o_img=x["o_img"], grid_hw=x["grid"], q_txt=x["q_txt"]
+    )
+    if family == "sdxl":
+        capture.q_txt = None
+    background = EOS if family == "flux" else None
+    picture = torch.rand(1, 3, 128, 128, generator=torch.Generator().manual_seed(1))  # the x0 latent's size
+    official = FreeFuseSettings.defaults(family)
+    paper = official.replace(mask_method="paper", slic_segments=1024)  # sqrt(1024 * 1024) pixels
+    return {
+        "official masks": lambda: compute_masks(capture, SUBJECTS, background, official, traits),
+        "paper masks": lambda: compute_masks(capture, SUBJECTS, background, paper, traits, image=picture),
+    }
+
+
 def _cases(name: str, x: dict[str, object]) -> dict[str, Callable[[], object]]:
+    return {**_map_cases(name, x), **_mask_cases(name, x)}
+
+
+def _map_cases(name: str, x: dict[str, object]) -> dict[str, Callable[[], object]]:
     if name.startswith("FLUX"):
         return {
             "official": lambda: official_similarity_maps(
@@ -147,7 +172,7 @@ def main() -> None:
     memory_kind = {"cpu": "peak RSS rise (VmHWM)", "cuda": "max_memory_allocated rise"}
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} CPU threads, inputs {args.dtype}, C=2")
-    header = f"{'shape':<12} {'device':<6} {'method':<9} {'median ms':>10} {'peak MiB':>9} {'vs official':>12}"
+    header = f"{'shape':<12} {'device':<6} {'method':<15} {'median ms':>10} {'peak MiB':>9} {'vs official':>12}"
     print(header)
     print("-" * len(header))
     for device in devices:
@@ -159,9 +184,11 @@ def main() -> None:
             for method, (seconds, peak) in results.items():
                 peak_text = f"{peak:9.1f}" if peak is not None else f"{'n/a':>9}"
                 ratio = f"{seconds / base:11.2f}x"
-                print(f"{name:<12} {device:<6} {method:<9} {seconds * 1e3:10.1f} {peak_text} {ratio}")
+                print(f"{name:<12} {device:<6} {method:<15} {seconds * 1e3:10.1f} {peak_text} {ratio}")
             del x
     print("peak memory: " + "; ".join(f"{d}: {memory_kind[d]} during one call" for d in devices))
+    print("'official'/'paper': similarity maps only; '... masks': maps + partition (what one capture costs);")
+    print("'vs official' divides by the official maps' time. Inputs are random: timings, not quality.")
 
 
 if __name__ == "__main__":
