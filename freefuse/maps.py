@@ -319,8 +319,13 @@ def paper_similarity_maps(
     sink_top_ratio: float = 0.01,
     sink_border: int = 1,
     salient_ratio: float = 0.01,
+    q_cross: torch.Tensor | None = None,  # [B, H, N_img, D] cross-attention image queries, if not q_img
 ) -> SimilarityMaps:
     """Maps as the paper describes them (section 4.1-4.2, Eq. 5-10).
+
+    In a UNet the cross attention (attn2) and the self attention (attn1) have their own image queries:
+    ``q_img``/``k_img`` are the self-attention ones and ``q_cross`` the cross-attention queries used by
+    ``"image_to_text"``; joint attention (FLUX) has one set and leaves ``q_cross`` None.
 
     Cross-attention rows per subject token (``"text_to_image"``: softmax of ``q_txt[t] . k_img^T/sqrt(D)``
     over image tokens; ``"image_to_text"``: softmax of ``q_img . k_txt^T/sqrt(D)`` over all text keys,
@@ -353,8 +358,17 @@ def paper_similarity_maps(
 
     sets = subjects + ([background] if background is not None else [])
     border = _border_tokens(grid, sink_border, q_img.device)
+    if q_cross is not None and q_cross.shape != q_img.shape:
+        raise ValueError(f"q_cross {tuple(q_cross.shape)} must have q_img's shape {tuple(q_img.shape)}")
     cross = _paper_cross_maps(
-        q_img, k_img, q_txt, k_txt, sets, cross_direction, border, _top_count(n_img, sink_top_ratio)
+        q_img if q_cross is None else q_cross,
+        k_img,
+        q_txt,
+        k_txt,
+        sets,
+        cross_direction,
+        border,
+        _top_count(n_img, sink_top_ratio),
     )  # [B, S, N]
     salient = cross.topk(_top_count(n_img, salient_ratio), dim=-1).indices  # [B, S, k]
     maps = _self_attention_rows(q_img, k_img, salient)  # [B, S, N]

@@ -37,7 +37,11 @@ TRAITS = {"flux": FLUX, "sdxl": SDXL}
 
 @dataclass
 class Capture:
-    """Attention tensors of the capture block, cond rows only (one row per image)."""
+    """Attention tensors of the capture block, cond rows only (one row per image).
+
+    Joint attention (FLUX): one q/k for text and image. UNet (SDXL): q_img/k_img from the self attention
+    (attn1), q_cross/k_txt from the cross attention (attn2), o_img = attn1's output after its out projection.
+    """
 
     q_img: torch.Tensor  # [B, H, N_img, D] image queries after QK-norm and RoPE
     k_img: torch.Tensor  # [B, H, N_img, D] image keys after QK-norm and RoPE
@@ -45,6 +49,7 @@ class Capture:
     o_img: torch.Tensor  # [B, N_img, F]    attention output at the image tokens, before the out projection
     grid_hw: tuple[int, int]  # token grid, h * w == N_img, row-major
     q_txt: torch.Tensor | None = None  # [B, H, T, D] text queries (joint attention only)
+    q_cross: torch.Tensor | None = None  # [B, H, N_img, D] cross-attention image queries (UNet attn2; else q_img)
 
 
 def similarity_maps(
@@ -55,6 +60,7 @@ def similarity_maps(
     traits: FamilyTraits,
 ) -> SimilarityMaps:
     """Per-subject similarity maps by the configured method."""
+    q_cross = getattr(capture, "q_cross", None)  # also accepts any object with Capture's tensor fields
     if settings.mask_method == "paper":
         return paper_similarity_maps(
             capture.q_img,
@@ -68,9 +74,10 @@ def similarity_maps(
             sink_top_ratio=settings.sink_top_ratio,
             sink_border=settings.sink_border,
             salient_ratio=settings.salient_ratio,
+            q_cross=q_cross,
         )
     return official_similarity_maps(
-        capture.q_img,
+        capture.q_img if q_cross is None else q_cross,
         capture.k_txt,
         capture.o_img,
         subject_positions,

@@ -1,4 +1,4 @@
-"""FLUX in Forge (backend/nn/flux.py): which layer holds which tokens, and where attention is reached.
+"""FLUX in Forge (backend/nn/flux.py): which layer holds which tokens, where attention is reached, the capture.
 
 Forge's FLUX has no patch points and ``transformer_options`` never reaches a block, so FreeFuse uses
 PyTorch hooks on the shared modules plus one swap of the module-level ``backend.nn.flux.attention`` function,
@@ -11,6 +11,10 @@ from __future__ import annotations
 import re
 
 import torch
+
+from freefuse import call_weights as cw
+from freefuse.bias import bias_blocks, bias_for_call, joint_attention_bias
+from freefuse.masks import FLUX, Capture
 
 _IMAGE = re.compile(r"^(double_blocks\.\d+\.(img_attn\.(qkv|proj)|img_mlp\.[02])|img_in|final_layer\.linear)$")
 _TEXT = re.compile(r"^(double_blocks\.\d+\.(txt_attn\.(qkv|proj)|txt_mlp\.[02])|txt_in)$")
@@ -33,21 +37,69 @@ def layout_of(module_path: str) -> str | None:
     return None
 
 
-def is_flux(diffusion_model) -> bool:
-    return hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks")
-
-
 def token_grid(latent: torch.Tensor) -> tuple[int, int]:
     """FLUX's image-token grid for a latent [B, 16, h, w]: 2x2 patches after padding to even sizes."""
     h, w = latent.shape[-2:]
     return (h + 1) // 2, (w + 1) // 2
 
 
-def blocks(diffusion_model) -> list[tuple[str, int, torch.nn.Module]]:
-    """Every attention block in call order, as ("double" | "single", index, module)."""
-    out = [("double", i, b) for i, b in enumerate(diffusion_model.double_blocks)]
-    out += [("single", i, b) for i, b in enumerate(diffusion_model.single_blocks)]
-    return out
+class FluxFamily:
+    """Everything FreeFuse needs to know about FLUX in Forge, behind the interface every family has."""
+
+    name = "flux"
+    traits = FLUX
+    layout_of = staticmethod(layout_of)
+
+    @staticmethod
+    def matches(diffusion_model) -> bool:
+        return hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks")
+
+    def check(self, settings, diffusion_model) -> str | None:
+        """A user-facing reason these settings cannot run on this model, or None."""
+        n_double = len(diffusion_model.double_blocks)
+        if settings.capture_block >= n_double:
+            return (
+                f"capture_block {settings.capture_block} does not exist (this model has double blocks 0-{n_double - 1})"
+            )
+        self._bias_double, self._bias_single = bias_blocks(
+            settings.bias_blocks, n_double, len(diffusion_model.single_blocks)
+        )
+        return None
+
+    def install(self, session, diffusion_model) -> None:
+        import backend.nn.flux as flux_module
+
+        session.add_handle(diffusion_model.register_forward_pre_hook(_call_hook(session), with_kwargs=True))
+        blocks = [("double", i, b) for i, b in enumerate(diffusion_model.double_blocks)]
+        blocks += [("single", i, b) for i, b in enumerate(diffusion_model.single_blocks)]
+        for kind, index, block in blocks:
+            session.add_handle(block.register_forward_pre_hook(_block_hook(session, kind, index)))
+        original = flux_module.attention
+        flux_module.attention = _attention(session, self, original, flux_module.apply_rope)
+        session.add_restore(lambda: setattr(flux_module, "attention", original))
+
+    def bias(self, session, like: torch.Tensor) -> torch.Tensor | None:
+        """[rows, T + N, T + N] joint-attention bias for the current call and block, or None."""
+        kind, index = session.current_block or ("", -1)
+        if index not in (self._bias_double if kind == "double" else self._bias_single):
+            return None
+        call, settings = session.call, session.settings
+
+        def build():
+            n_txt = call.shape.n_txt
+            positions = [cw.repeat_positions(p, session.plan.n_txt_cond, n_txt) for p in session.positions]
+            per_image = joint_attention_bias(
+                session.masks_at(call.grid_hw).masks.flatten(2),
+                positions,
+                n_txt,
+                neg_scale=settings.bias_scale,
+                pos_scale=settings.bias_positive_scale,
+                positive=settings.bias_positive,
+                bidirectional=settings.bias_bidirectional,
+            )
+            return bias_for_call(per_image, call.shape.cond_or_uncond).to(like.device, like.dtype)
+
+        return session.cached(("bias", call.shape, like.dtype, like.device), build)
 
 
 def biased_attention(apply_rope, q, k, v, pe, bias: torch.Tensor) -> torch.Tensor:
@@ -60,3 +112,59 @@ def biased_attention(apply_rope, q, k, v, pe, bias: torch.Tensor) -> torch.Tenso
     out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     b, h, length, d = out.shape
     return out.transpose(1, 2).reshape(b, length, h * d)
+
+
+# ---------------------------------------------------------------------- hooks (closures over the session)
+def _call_hook(session):
+    def hook(module, args, kwargs):
+        if session.live():
+            x = args[0] if args else kwargs["x"]
+            context = kwargs.get("context", args[2] if len(args) > 2 else None)
+            session.begin_call(x.shape[0], kwargs.get("transformer_options") or {}, context.shape[1], token_grid(x))
+        return None
+
+    return hook
+
+
+def _block_hook(session, kind: str, index: int):
+    def hook(module, args):
+        if session.live():
+            session.current_block = (kind, index)
+        return None
+
+    return hook
+
+
+def _attention(session, family: FluxFamily, original, apply_rope):
+    def attention(q, k, v, pe):
+        if not session.live() or session.call is None:
+            return original(q, k, v, pe)
+        if session.call.capture and session.current_block == ("double", session.settings.capture_block):
+            out = original(q, k, v, pe)
+            _capture(session, apply_rope, q, k, pe, out)
+            return out
+        bias = session.attention_bias(family, q)
+        if bias is None:
+            return original(q, k, v, pe)
+        return biased_attention(apply_rope, q, k, v, pe, bias)
+
+    return attention
+
+
+def _capture(session, apply_rope, q, k, pe, out) -> None:
+    """q, k [B, H, T + N, D] after QK-norm (RoPE applied here); out [B, T + N, H * D]; cond rows only."""
+    call = session.call
+    rows = cw.cond_rows(call.shape)
+    n_txt = call.shape.n_txt
+    q_r, k_r = apply_rope(q[rows], k[rows], pe[rows] if pe.shape[0] > 1 else pe)
+    q_r, k_r = q_r.float(), k_r.float()
+    session.on_capture(
+        Capture(
+            q_img=q_r[:, :, n_txt:],
+            k_img=k_r[:, :, n_txt:],
+            k_txt=k_r[:, :, :n_txt],
+            q_txt=q_r[:, :, :n_txt],
+            o_img=out[rows, n_txt:].float(),
+            grid_hw=call.grid_hw,
+        )
+    )

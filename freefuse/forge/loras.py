@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import torch
 
 from freefuse.adapters import DenseDelta, LowRankFactor, MaskedDelta
+from freefuse.conv_adapters import ConvLowRankFactor, MaskedConvDelta
 
 PatchEntry = list  # [strength, v, strength_model, offset, function]
 KEPT_SUFFIX = "#freefuse-kept"
@@ -25,8 +26,8 @@ class LayerAdapters:
     """Runtime deltas of one model layer."""
 
     module_path: str  # relative to the KModel, e.g. "diffusion_model.double_blocks.3.img_attn.qkv"
-    layout: str  # "image" | "text" | "joint" | "global"
-    delta: MaskedDelta
+    layout: str  # "image" | "text" | "joint" | "global" | "conv" (a Conv2d: weights per output pixel)
+    delta: MaskedDelta | MaskedConvDelta
 
 
 @dataclass
@@ -54,8 +55,8 @@ def take_out(unet, filenames: list[str]) -> dict[str, list[tuple[tuple, dict]]]:
     return taken
 
 
-def _runtime_factor(entry: PatchEntry, owner: int) -> LowRankFactor | None:
-    """A plain LoRA patch as a low-rank factor; None when it needs the dense path."""
+def _runtime_factor(entry: PatchEntry, owner: int) -> LowRankFactor | ConvLowRankFactor | None:
+    """A plain LoRA patch as a low-rank factor (Linear or LoCon conv); None when it needs the dense path."""
     strength, v, strength_model, offset, function = entry
     if strength_model != 1.0 or function is not None or not (isinstance(v, tuple) and len(v) == 2):
         return None
@@ -63,12 +64,14 @@ def _runtime_factor(entry: PatchEntry, owner: int) -> LowRankFactor | None:
     if kind != "lora":
         return None
     up, down, alpha, mid, dora_scale = payload
-    if mid is not None or dora_scale is not None or up.ndim != 2 or down.ndim != 2:
-        return None
-    if offset is not None and offset[0] != 0:
+    if mid is not None or dora_scale is not None:
         return None
     rank = down.shape[0]
     scale = float(strength) * (float(alpha) / rank if alpha is not None else 1.0)
+    if down.ndim == 4 and up.ndim in (2, 4) and offset is None:
+        return ConvLowRankFactor(down=down, up=up, scale=scale, owner=owner)
+    if up.ndim != 2 or down.ndim != 2 or (offset is not None and offset[0] != 0):
+        return None
     out_slice = (int(offset[1]), int(offset[2])) if offset is not None else None
     return LowRankFactor(down=down, up=up, scale=scale, owner=owner, out_slice=out_slice)
 
@@ -117,10 +120,14 @@ def build_runtime_loras(
                         reason = f"{param} of a layer FreeFuse does not mask"
                     else:
                         factor = _runtime_factor(entry, owner)
-                        if factor is not None:
+                        if factor is not None and (layout == "conv") == isinstance(factor, ConvLowRankFactor):
                             per_module.setdefault(module_path, ([], []))[0].append(factor)
                             continue
-                        dense = _dense_delta(entry, owner, _weight_shape(target), merge)
+                        dense = (
+                            _dense_delta(entry, owner, _weight_shape(target), merge)
+                            if layout != "conv"
+                            else "this conv patch kind is not applied at runtime"
+                        )
                         if isinstance(dense, DenseDelta):
                             per_module.setdefault(module_path, ([], []))[1].append(dense)
                             continue
@@ -130,9 +137,11 @@ def build_runtime_loras(
                     result.left_merged.append(f"{filename}: {inner}.{param} ({reason})")
     for module_path, (factors, dense) in per_module.items():
         target = _resolve(model, module_path)
-        out_features = _weight_shape(target)[0]
-        delta = MaskedDelta(out_features, factors, dense)
         layout = layout_of(module_path.removeprefix("diffusion_model."))
+        if layout == "conv":
+            delta = MaskedConvDelta(factors, stride=target.stride, padding=target.padding, dilation=target.dilation)
+        else:
+            delta = MaskedDelta(_weight_shape(target)[0], factors, dense)
         result.layers.append(LayerAdapters(module_path, layout, delta))
         result.nbytes += sum(f.down.numel() + f.up.numel() for f in factors) * 4
         result.nbytes += sum(d.weight.numel() for d in dense) * 4

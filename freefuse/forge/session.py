@@ -6,17 +6,17 @@ and does nothing unless that session is the active one, so a hook that somehow s
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from dataclasses import dataclass
 
 import torch
 
 from freefuse import call_weights as cw
-from freefuse.bias import bias_blocks, bias_for_call, joint_attention_bias
-from freefuse.forge import flux as flux_layer
 from freefuse.forge import hooks
+from freefuse.forge.families import detect_family
 from freefuse.forge.loras import RuntimeLoras, build_runtime_loras, take_out
-from freefuse.masks import FLUX, Capture, balance_params, compute_masks, similarity_maps
+from freefuse.masks import Capture, balance_params, compute_masks, similarity_maps
 from freefuse.partition import SubjectMasks, partition_balanced, partition_superpixels
 from freefuse.schedule import euler_step, is_step_start, step_index
 from freefuse.settings import FreeFuseSettings
@@ -82,13 +82,14 @@ class Session:
         self.arm_phase1_capture = False
         self.phase1_done = plan.masks is not None or plan.settings.schedule != "restart"
         self.runtime: RuntimeLoras | None = None
+        self.family = None  # FluxFamily / SdxlFamily, chosen at install
+        self.level_grid: tuple[int, int] | None = None  # UNet: image grid of the transformer running now
+        self.in_cross = False  # UNet: inside a cross-attention (attn2) call
         self.capture_sigma: float | None = None
         self._handles: list = []
         self._restore: list = []
-        self._positions = [s.positions for s in plan.subjects]
-        self._pattern = (
-            cw.exclusion_pattern(self._positions, plan.n_txt_cond) if self.settings.token_exclusion else None
-        )
+        self.positions = [s.positions for s in plan.subjects]
+        self._pattern = cw.exclusion_pattern(self.positions, plan.n_txt_cond) if self.settings.token_exclusion else None
         self._cache: dict = {}  # token weights and bias per call shape: built once, reused every step
         self.open = False
 
@@ -113,27 +114,24 @@ class Session:
         clone = unet.clone()
         try:
             diffusion_model = clone.model.diffusion_model
-            if not flux_layer.is_flux(diffusion_model):
-                raise UnsupportedModel("this model is not FLUX; FreeFuse supports FLUX.1 here")
-            n_double = len(diffusion_model.double_blocks)
-            if self.settings.capture_block >= n_double:
+            self.family = detect_family(diffusion_model)
+            if self.family is None:
                 raise UnsupportedModel(
-                    f"capture_block {self.settings.capture_block} does not exist (this model has double blocks "
-                    f"0-{n_double - 1})"
+                    "this model is neither FLUX nor SDXL-family; FreeFuse supports FLUX.1 and SDXL (Pony, "
+                    "Illustrious, NoobAI) checkpoints"
                 )
+            problem = self.family.check(self.settings, diffusion_model)
+            if problem:
+                raise UnsupportedModel(problem)
             steps = self.plan.sigmas.numel() - 1
             if self.plan.masks is None and self.settings.capture_step >= steps:
                 raise UnsupportedModel(
                     f"capture_step {self.settings.capture_step} is not below the number of steps ({steps})"
                 )
-            self._bias_double, self._bias_single = bias_blocks(
-                self.settings.bias_blocks, n_double, len(diffusion_model.single_blocks)
-            )
             if self.plan.masks is not None:
                 self.masks = self.plan.masks
             self._install_loras(clone)
-            self._install_model_hooks(diffusion_model)
-            self._install_attention()
+            self.family.install(self, diffusion_model)
             self._install_sampler_functions(clone)
             self.open = True
             _ACTIVE = self
@@ -178,7 +176,9 @@ class Session:
         if missing:
             raise UnsupportedModel(f"LoRA {', '.join(missing)} has no weights for this model's denoiser")
         owners = {s.filename: i for i, s in enumerate(self.plan.subjects)}
-        self.runtime, keep = build_runtime_loras(clone.model, taken, owners, flux_layer.layout_of, merge_lora_to_weight)
+        self.runtime, keep = build_runtime_loras(
+            clone.model, taken, owners, self.family.layout_of, merge_lora_to_weight
+        )
         for ident, patches in keep.items():
             clone.lora_patches[ident] = patches
         if self.runtime.left_merged:
@@ -194,21 +194,19 @@ class Session:
             module = hooks.resolve(clone.model, layer.module_path)
             self._handles.append(module.register_forward_hook(hooks.lora_hook(self, layer)))
 
-    def _install_model_hooks(self, diffusion_model) -> None:
-        self._handles.append(diffusion_model.register_forward_pre_hook(hooks.call_hook(self), with_kwargs=True))
-        for kind, index, block in flux_layer.blocks(diffusion_model):
-            self._handles.append(block.register_forward_pre_hook(hooks.block_hook(self, kind, index)))
+    def add_handle(self, handle) -> None:
+        """A hook handle to remove when the session closes."""
+        self._handles.append(handle)
 
-    def _install_attention(self) -> None:
-        import backend.nn.flux as flux_module
-
-        original = flux_module.attention
-        flux_module.attention = hooks.attention(self, original, flux_module.apply_rope)
-
-        def restore():
-            flux_module.attention = original
-
+    def add_restore(self, restore) -> None:
+        """A function that undoes a swap when the session closes (run in reverse order)."""
         self._restore.append(restore)
+
+    def cached(self, key, build):
+        """A per-session cache for tensors derived from the masks (cleared when the masks change)."""
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
 
     def _install_sampler_functions(self, clone) -> None:
         if not self.phase1_done:
@@ -217,11 +215,10 @@ class Session:
             clone.set_model_sampler_post_cfg_function(hooks.x0_function(self))
 
     # ------------------------------------------------------------------ per call
-    def begin_call(self, x: torch.Tensor, context: torch.Tensor, options: dict) -> None:
+    def begin_call(self, rows: int, options: dict, n_txt: int, grid: tuple[int, int]) -> None:
+        """Called by the family's model pre-hook at the start of every model call."""
         cond_or_uncond = tuple(options.get("cond_or_uncond") or (0,))
-        grid = flux_layer.token_grid(x)
-        rows = x.shape[0]
-        shape = cw.CallShape(cond_or_uncond, rows // len(cond_or_uncond), grid[0] * grid[1], context.shape[1])
+        shape = cw.CallShape(cond_or_uncond, rows // len(cond_or_uncond), grid[0] * grid[1], n_txt)
         sigmas = options.get("sigmas")
         sigma = float(sigmas.max()) if sigmas is not None else float(self.plan.sigmas[0])
         step = step_index(self.plan.sigmas, sigma)
@@ -240,29 +237,41 @@ class Session:
             )
         if capture:
             self.capture_sigma = sigma
-        if mode == cw.MASKED and tuple(self.masks.grid_hw) != grid:
-            self.masks = self.masks.resized(grid)
         self.call = _Call(shape, grid, step, mode, capture)
 
-    def token_weights(self, layout: str, like: torch.Tensor) -> torch.Tensor | None:
-        """[rows, L, C] weights for a layer of this layout in the current call (None = all ones)."""
+    def masks_at(self, grid: tuple[int, int]) -> SubjectMasks:
+        """The masks on another token grid (a hires pass, another UNet level), nearest so they stay hard."""
+        if tuple(self.masks.grid_hw) == tuple(grid):
+            return self.masks
+        return self.cached(("masks", tuple(grid)), lambda: self.masks.resized(grid))
+
+    def token_weights(self, layout: str, like: torch.Tensor, grid: tuple[int, int] | None = None):
+        """Weights of the subject LoRAs for a layer in the current call; None means all ones.
+
+        Linear layouts: [rows, L, C] (``grid`` = the layer's image grid, default the call's). "conv":
+        [rows, C, h, w] for a conv layer whose output grid is ``grid``.
+        """
         call = self.call
         if layout == "global":
             return None
-        key = (layout, call.shape, call.mode, like.dtype, like.device)
+        grid = tuple(grid or call.grid_hw)
+        key = (layout, call.shape, call.mode, grid, like.dtype, like.device)
         if key in self._cache:
             return self._cache[key]
         n_subjects = len(self.plan.subjects)
-        masks = self.masks.masks if call.mode == cw.MASKED else None
-        if layout == "image":
-            weights = cw.image_weights(call.shape, masks, n_subjects, call.mode)
+        shape = dataclasses.replace(call.shape, n_img=grid[0] * grid[1])
+        masks = self.masks_at(grid).masks if call.mode == cw.MASKED else None
+        if layout in ("image", "conv"):
+            weights = cw.image_weights(shape, masks, n_subjects, call.mode)  # [rows, N, C]
+            if layout == "conv":
+                weights = weights.transpose(1, 2).reshape(shape.rows, n_subjects, *grid)
         elif layout == "text":
-            weights = cw.text_weights(call.shape, self._pattern, n_subjects, call.mode)
+            weights = cw.text_weights(shape, self._pattern, n_subjects, call.mode)
         else:
             weights = torch.cat(
                 [
-                    cw.text_weights(call.shape, self._pattern, n_subjects, call.mode),
-                    cw.image_weights(call.shape, masks, n_subjects, call.mode),
+                    cw.text_weights(shape, self._pattern, n_subjects, call.mode),
+                    cw.image_weights(shape, masks, n_subjects, call.mode),
                 ],
                 dim=1,
             )
@@ -270,30 +279,12 @@ class Session:
         self._cache[key] = weights
         return weights
 
-    def attention_bias(self, like: torch.Tensor) -> torch.Tensor | None:
-        """[rows, T + N, T + N] bias for the current call and block, or None."""
+    def attention_bias(self, family, like: torch.Tensor, **where) -> torch.Tensor | None:
+        """The family's attention bias for the current call, when the masks and settings call for one."""
         call = self.call
         if call is None or call.mode != cw.MASKED or not self.settings.attention_bias:
             return None
-        kind, index = self.current_block or ("", -1)
-        selected = self._bias_double if kind == "double" else self._bias_single
-        if index not in selected:
-            return None
-        key = ("bias", call.shape, like.dtype, like.device)
-        if key not in self._cache:
-            n_txt = call.shape.n_txt
-            positions = [cw.repeat_positions(p, self.plan.n_txt_cond, n_txt) for p in self._positions]
-            per_image = joint_attention_bias(
-                self.masks.masks.flatten(2),
-                positions,
-                n_txt,
-                neg_scale=self.settings.bias_scale,
-                pos_scale=self.settings.bias_positive_scale,
-                positive=self.settings.bias_positive,
-                bidirectional=self.settings.bias_bidirectional,
-            )
-            self._cache[key] = bias_for_call(per_image, call.shape.cond_or_uncond).to(like.device, like.dtype)
-        return self._cache[key]
+        return family.bias(self, like, **where)
 
     # ------------------------------------------------------------------ capture
     def on_capture(self, capture: Capture) -> None:
@@ -305,11 +296,11 @@ class Session:
         try:
             if self.settings.mask_method == "paper":
                 self.pending_maps = (
-                    similarity_maps(capture, self._positions, bg, self.settings, FLUX),
+                    similarity_maps(capture, self.positions, bg, self.settings, self.family.traits),
                     capture.grid_hw,
                 )
             else:
-                self.masks = compute_masks(capture, self._positions, bg, self.settings, FLUX)
+                self.masks = compute_masks(capture, self.positions, bg, self.settings, self.family.traits)
         except Exception as err:  # noqa: BLE001 - a failed capture must not break the generation
             log.exception("FreeFuse: mask computation failed")
             self.messages.append(f"FreeFuse could not compute masks ({err}); the subject LoRAs ran unmasked")
@@ -339,7 +330,7 @@ class Session:
                 maps.subjects,
                 maps.background,
                 grid,
-                params=balance_params(self.settings, FLUX),
+                params=balance_params(self.settings, self.family.traits),
                 bg_scale=self.settings.bg_scale,
                 morphology=self.settings.morphology,
             )

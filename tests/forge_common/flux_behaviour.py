@@ -296,13 +296,19 @@ def test_hires_pass_reuses_masks_resized_to_the_new_grid(flux):
     harness, unet, loras = flux
     both = harness.add_loras(unet, [(loras["A"], 1.0), (loras["B"], 1.0)])
     small = _masks((4, 4), 1, ("left", "right"))
-    runner = Runner(harness, _settings(attention_bias=True), [loras["A"], loras["B"]], masks=small)
-    out = runner.sample(both, seed=13, height=128, width=96)
-    assert out.shape[-2:] == (16, 12)
-    assert runner.session.masks.masks.shape[-2:] == (8, 6)
+    runner = Runner(harness, _settings(attention_bias=True), [loras["A"], loras["B"]], masks=small, keep_open=True)
+    try:
+        out = runner.sample(both, seed=13, height=128, width=96)
+        assert out.shape[-2:] == (16, 12)
+        assert runner.calls and all(mode == "masked" for _, mode in runner.calls)
+        assert runner.session.call.grid_hw == (8, 6)
+        resized = runner.session.masks_at((8, 6)).masks
+        assert resized.shape[-2:] == (8, 6) and torch.equal(resized[0, 0, :, :3], torch.ones(8, 3))
+    finally:
+        sessions.close_active()
 
 
-def test_a_non_flux_model_is_refused_with_a_message_and_nothing_installed(flux):
+def test_an_unknown_model_is_refused_with_a_message_and_nothing_installed(flux):
     harness, unet, loras = flux
     clone = unet.clone()
     settings = _settings()
@@ -322,7 +328,7 @@ def test_a_non_flux_model_is_refused_with_a_message_and_nothing_installed(flux):
         assert session.install(clone) is clone
     finally:
         dm.double_blocks = saved
-    assert "not FLUX" in " ".join(session.messages)
+    assert "neither FLUX nor SDXL-family" in " ".join(session.messages)
     assert sessions.active() is None
 
 

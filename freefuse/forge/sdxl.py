@@ -1,0 +1,243 @@
+"""SDXL-family UNets in Forge (backend/nn/unet.py): layers, the capture transformer, cross-attention bias.
+
+Image tokens live at three resolutions (latent, /2, /4); each ``SpatialTransformer`` flattens its
+``[B, C, h, w]`` input row-major, so a forward pre-hook on it tells every Linear inside which grid it works
+on. The capture point is ``output_blocks.0.1.transformer_blocks.K`` (diffusers
+``up_blocks.0.attentions.0.transformer_blocks.K``): q/k of its cross attention (attn2) and attn1's output.
+The bias goes through one swap of the module-level ``backend.nn.unet.attention_function``, which
+``CrossAttention.forward`` looks up at call time; an attn2 replace patch (IPAdapter) is left alone.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+
+from freefuse import call_weights as cw
+from freefuse.bias import bias_for_call, cross_attention_bias
+from freefuse.masks import SDXL, Capture
+
+_T = r"(input_blocks\.\d+\.1|middle_block\.1|output_blocks\.\d+\.1)"
+_IMAGE = re.compile(
+    rf"^{_T}\.(proj_in|proj_out|transformer_blocks\.\d+\.(attn1\.(to_q|to_k|to_v|to_out\.0)"
+    r"|attn2\.(to_q|to_out\.0)|ff\.net\.(0\.proj|2)))$"
+)
+_TEXT = re.compile(rf"^{_T}\.transformer_blocks\.\d+\.attn2\.(to_k|to_v)$")
+_CONV = re.compile(
+    r"^((input_blocks|output_blocks)\.\d+\.0|middle_block\.[02])\.(in_layers\.2|out_layers\.3|skip_connection)$"
+    r"|^input_blocks\.0\.0$|^out\.2$|^input_blocks\.\d+\.0\.op$|^output_blocks\.\d+\.\d\.conv$"
+)
+_GLOBAL = re.compile(r"(\.emb_layers\.1|^time_embed\.[02]|^label_emb\.0\.[02])$")
+
+
+def layout_of(module_path: str) -> str | None:
+    """Token layout of an SDXL UNet module (path inside diffusion_model), or None.
+
+    image [B, h*w, C] (attn1, attn2 q/out, ff, proj_in/out); text [B, T, C] (attn2 k/v: never spatially
+    masked); conv [B, C, h, w] (ResBlock convs incl. LoCon, conv in/out, down/up-samplers); global [B, C].
+    """
+    for layout, pattern in (("image", _IMAGE), ("text", _TEXT), ("conv", _CONV), ("global", _GLOBAL)):
+        if pattern.search(module_path):
+            return layout
+    return None
+
+
+def transformer_blocks(diffusion_model) -> list[tuple[str, torch.nn.Module]]:
+    """Every SpatialTransformer of the UNet with its path, e.g. ("output_blocks.0.1", module)."""
+    return [
+        (name.removeprefix("diffusion_model."), module)
+        for name, module in diffusion_model.named_modules()
+        if hasattr(module, "transformer_blocks") and hasattr(module, "proj_in")
+    ]
+
+
+class SdxlFamily:
+    """Everything FreeFuse needs to know about an SDXL-layout UNet in Forge."""
+
+    name = "sdxl"
+    traits = SDXL
+    layout_of = staticmethod(layout_of)
+
+    @staticmethod
+    def matches(diffusion_model) -> bool:
+        # SDXL's UNet has the pooled-text "label_emb"; SD 1.x/2.x UNets do not (not supported, said clearly)
+        return hasattr(diffusion_model, "output_blocks") and hasattr(diffusion_model, "label_emb")
+
+    def check(self, settings, diffusion_model) -> str | None:
+        capture = _module(diffusion_model, "output_blocks.0.1")
+        blocks = getattr(capture, "transformer_blocks", None)
+        if blocks is None:
+            return "this UNet has no transformer at output_blocks.0 (not an SDXL layout)"
+        if settings.capture_block >= len(blocks):
+            return (
+                f"capture_block {settings.capture_block} does not exist (output_blocks.0 has transformer blocks "
+                f"0-{len(blocks) - 1})"
+            )
+        if settings.bias_blocks not in ("all", "none"):
+            return f"bias_blocks {settings.bias_blocks!r} names FLUX blocks; on SDXL use 'all' or 'none'"
+        self._bias_on = settings.bias_blocks == "all"
+        return None
+
+    def install(self, session, diffusion_model) -> None:
+        import backend.nn.unet as unet_module
+
+        session.add_handle(diffusion_model.register_forward_pre_hook(_call_hook(session), with_kwargs=True))
+        for _, transformer in transformer_blocks(diffusion_model):
+            session.add_handle(transformer.register_forward_pre_hook(_level_hook(session)))
+            for block in transformer.transformer_blocks:
+                session.add_handle(block.attn2.register_forward_pre_hook(_cross_hook(session, True)))
+                session.add_handle(block.attn2.register_forward_hook(_cross_hook(session, False)))
+        target = diffusion_model.output_blocks[0][1].transformer_blocks[session.settings.capture_block]
+        _install_capture(session, target)
+        original = unet_module.attention_function
+        unet_module.attention_function = _attention(session, self, original)
+        session.add_restore(lambda: setattr(unet_module, "attention_function", original))
+
+    def bias(self, session, like: torch.Tensor, grid=None) -> torch.Tensor | None:
+        """[rows, N_level, T] image->text bias at this transformer's grid, or None."""
+        if not self._bias_on or grid is None:
+            return None
+        call, settings = session.call, session.settings
+
+        def build():
+            n_txt = call.shape.n_txt
+            positions = [cw.repeat_positions(p, session.plan.n_txt_cond, n_txt) for p in session.positions]
+            per_image = cross_attention_bias(
+                session.masks_at(grid).masks.flatten(2),
+                positions,
+                n_txt,
+                neg_scale=settings.bias_scale,
+                pos_scale=settings.bias_positive_scale,
+                positive=settings.bias_positive,
+            )
+            return bias_for_call(per_image, call.shape.cond_or_uncond).to(like.device, like.dtype)
+
+        return session.cached(("cross bias", call.shape, tuple(grid), like.dtype, like.device), build)
+
+
+def _module(root, path: str):
+    for name in path.split("."):
+        root = getattr(root, name, None) if not name.isdigit() else _index(root, int(name))
+        if root is None:
+            return None
+    return root
+
+
+def _index(module, i: int):
+    try:
+        return module[i]
+    except (IndexError, TypeError, KeyError):
+        return None
+
+
+def biased_cross_attention(q, k, v, heads: int, bias: torch.Tensor) -> torch.Tensor:
+    """Forge's cross attention (q [B, N, H*d], k/v [B, T, H*d]) with an additive bias [B, N, T]."""
+    b, n, inner = q.shape
+    d = inner // heads
+
+    def split(t):
+        return t.view(b, -1, heads, d).transpose(1, 2)  # [B, H, L, d]
+
+    mask = bias.to(dtype=q.dtype, device=q.device).unsqueeze(1)  # [B, 1, N, T]
+    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+    return out.transpose(1, 2).reshape(b, n, inner)
+
+
+# ---------------------------------------------------------------------- hooks (closures over the session)
+def _call_hook(session):
+    def hook(module, args, kwargs):
+        if session.live():
+            x = args[0] if args else kwargs["x"]
+            context = kwargs.get("context", args[2] if len(args) > 2 else None)
+            session.level_grid = None
+            session.begin_call(
+                x.shape[0], kwargs.get("transformer_options") or {}, context.shape[1], tuple(x.shape[-2:])
+            )
+        return None
+
+    return hook
+
+
+def _level_hook(session):
+    def hook(module, args):
+        if session.live():
+            session.level_grid = tuple(args[0].shape[-2:])  # SpatialTransformer input [B, C, h, w]
+        return None
+
+    return hook
+
+
+def _cross_hook(session, entering: bool):
+    def pre_hook(module, args):
+        if session.live():
+            session.in_cross = True
+        return None
+
+    def post_hook(module, args, output):
+        session.in_cross = False
+        return None
+
+    return pre_hook if entering else post_hook
+
+
+def _attention(session, family: SdxlFamily, original):
+    def attention_function(q, k, v, heads, mask=None, *args, **kwargs):
+        if session.live() and session.call is not None and session.in_cross and mask is None:
+            bias = session.attention_bias(family, q, grid=session.level_grid)
+            if bias is not None and bias.shape[1] == q.shape[1] and bias.shape[2] == k.shape[1]:
+                return biased_cross_attention(q, k, v, heads, bias)
+        return original(q, k, v, heads, mask, *args, **kwargs)
+
+    return attention_function
+
+
+def _install_capture(session, block) -> None:
+    """Record attn1 q/k/out and attn2 q/k of the capture block while a capture is armed; maps at its end."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def keep(name):
+        def hook(module, args, output):
+            if session.live() and session.call is not None and session.call.capture:
+                seen[name] = output
+            return None
+
+        return hook
+
+    for name, module in (
+        ("q_self", block.attn1.to_q),
+        ("k_self", block.attn1.to_k),
+        ("o_self", block.attn1.to_out[0]),
+        ("q_cross", block.attn2.to_q),
+        ("k_cross", block.attn2.to_k),
+    ):
+        session.add_handle(module.register_forward_hook(keep(name)))
+
+    def done(module, args, output):
+        if session.live() and session.call is not None and session.call.capture and len(seen) == 5:
+            _capture(session, block.attn2.heads, dict(seen))
+        seen.clear()
+        return None
+
+    session.add_handle(block.register_forward_hook(done))
+
+
+def _capture(session, heads: int, seen: dict) -> None:
+    call = session.call
+    rows = cw.cond_rows(call.shape)
+    grid = session.level_grid
+
+    def split(t):  # [B, L, H*d] -> [B, H, L, d], cond rows, float32
+        t = t[rows].float()
+        return t.view(t.shape[0], t.shape[1], heads, -1).transpose(1, 2)
+
+    session.on_capture(
+        Capture(
+            q_img=split(seen["q_self"]),
+            k_img=split(seen["k_self"]),
+            k_txt=split(seen["k_cross"]),
+            o_img=seen["o_self"][rows].float(),
+            grid_hw=grid,
+            q_cross=split(seen["q_cross"]),
+        )
+    )
