@@ -127,7 +127,7 @@ def bias_for_call(bias: Tensor, cond_or_uncond: Sequence[int]) -> Tensor:
 _BLOCK_FORMS = (
     "accepted forms: 'all', 'none', 'double_stream_only', 'single_stream_only', 'last_half_double', "
     "'transformer_blocks.<i>', 'single_transformer_blocks.<i>', "
-    "or a list such as 'double:0-18,single:0-37' / 'double:10-18' / 'double:0,2,single:5-7'"
+    "or a list such as 'double:0-18;single:0-37' / 'double:10-18' / 'double:0,2;single:5-7'"
 )
 _ITEM = re.compile(r"^(?:(double|single)\s*:)?\s*(\d+)\s*(?:-\s*(\d+))?$")
 
@@ -136,7 +136,7 @@ def _parse_block_list(spec: str, n_double: int, n_single: int) -> tuple[frozense
     chosen: dict[str, set[int]] = {"double": set(), "single": set()}
     limits = {"double": n_double, "single": n_single}
     kind = None
-    for item in spec.split(","):
+    for item in re.split(r"[;,]", spec):
         found = _ITEM.match(item.strip())
         if found is None:
             raise ValueError(f"bad block item {item.strip()!r} in {spec!r}; {_BLOCK_FORMS}")
@@ -149,6 +149,15 @@ def _parse_block_list(spec: str, n_double: int, n_single: int) -> tuple[frozense
             raise ValueError(f"{kind} blocks {first}-{last} outside 0..{limits[kind] - 1} in {spec!r}")
         chosen[kind].update(range(first, last + 1))
     return frozenset(chosen["double"]), frozenset(chosen["single"])
+
+
+def block_spec_problem(preset: str) -> str | None:
+    """Why ``preset`` is not a block preset or list (syntax only, any model size), or None."""
+    try:
+        bias_blocks(preset, 4096, 4096)  # any real model has fewer blocks
+    except ValueError as err:
+        return str(err)
+    return None
 
 
 def bias_blocks(preset: str, n_double: int, n_single: int) -> tuple[frozenset[int], frozenset[int]]:

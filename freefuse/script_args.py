@@ -30,7 +30,12 @@ XYZ_AXES: tuple[tuple[str, str, type, list[str] | None], ...] = (
 def settings_from_args(
     args: Sequence[Any], family: str = "flux", overrides: dict[str, Any] | None = None
 ) -> tuple[FreeFuseSettings | None, list[str]]:
-    """Validated settings, or (None, one message per problem). ``overrides`` (XYZ axes) win over args."""
+    """Validated settings, or (None, one message per problem). ``overrides`` (XYZ axes) win over args.
+
+    Nothing is validated while FreeFuse is off, so a stray value never bothers a user who is not using it.
+    The UI shows FLUX's defaults: on another family a positional value still equal to its FLUX default counts
+    as untouched and takes that family's default (the dict form names only what the caller sets).
+    """
     names = setting_names()
     if args and isinstance(args[0], dict):
         data = dict(args[0])
@@ -40,8 +45,13 @@ def settings_from_args(
                 f"got {len(args)} positional arguments; FreeFuse takes at most {len(names)} ({', '.join(names)})"
             ]
         data = dict(zip(names, args, strict=False))
+        if family != "flux":
+            shown = FreeFuseSettings.defaults("flux").to_dict()
+            data = {k: v for k, v in data.items() if k not in shown or v != shown[k]}
     if overrides:
         data.update(overrides)
+    if data.get("enabled", False) in (False, None, 0, "False", "false", ""):
+        return FreeFuseSettings.defaults(family), []
     try:
         return FreeFuseSettings.from_dict(data, family), []
     except SettingsError as err:

@@ -10,9 +10,10 @@ import dataclasses
 import difflib
 import json
 import math
-import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
+
+from freefuse.bias import block_spec_problem
 
 Family = Literal["flux", "sdxl"]
 FAMILIES: tuple[str, ...] = ("flux", "sdxl")
@@ -25,7 +26,6 @@ BIAS_PRESETS: tuple[str, ...] = (
     "last_half_double",
     "none",
 )
-_BLOCK_LIST = re.compile(r"^\s*(double|single)\s*:\s*\d+(\s*-\s*\d+)?(\s*,\s*\d+(\s*-\s*\d+)?)*\s*$")
 
 INFOTEXT_KEY = "FreeFuse"
 INFOTEXT_VERSION = 1
@@ -222,11 +222,8 @@ class FreeFuseSettings:
             self.bias_positive_scale >= 0.0,
             f"bias_positive_scale must be 0 or more; got {self.bias_positive_scale}",
         )
-        check(
-            self.bias_blocks in BIAS_PRESETS or all(_BLOCK_LIST.match(p) for p in self.bias_blocks.split(";")),
-            f"bias_blocks must be one of {', '.join(BIAS_PRESETS)} or a list like 'double:0-18;single:0-37'; "
-            f"got {self.bias_blocks!r}",
-        )
+        block_problem = block_spec_problem(self.bias_blocks)
+        check(block_problem is None, f"bias_blocks {self.bias_blocks!r} is not usable: {block_problem}")
         return out
 
     def validate(self) -> None:

@@ -11,6 +11,7 @@ from modules import script_callbacks, scripts
 from modules.ui_components import InputAccordion
 
 from freefuse.forge import session as sessions
+from freefuse.forge.families import family_name
 from freefuse.forge.generation import Generation
 from freefuse.script_args import XYZ_AXES, settings_from_args
 from freefuse.settings import (
@@ -121,7 +122,8 @@ class FreeFuseScript(scripts.Script):
     def process(self, p, *args):
         sessions.close_active("a new generation started")
         self.generation = None
-        settings, problems = settings_from_args(args, overrides=getattr(p, "freefuse_xyz", None))
+        family = _model_family(p)
+        settings, problems = settings_from_args(args, family, overrides=getattr(p, "freefuse_xyz", None))
         if problems:
             message = "FreeFuse is off for this generation: " + "; ".join(problems)
             print(message)
@@ -129,7 +131,7 @@ class FreeFuseScript(scripts.Script):
             return
         if settings is None or not settings.enabled:
             return
-        self.generation = Generation(settings)
+        self.generation = Generation(settings, family)
         self.generation.record_settings(p)
 
     def process_before_every_sampling(self, p, *args, **kwargs):
@@ -144,6 +146,14 @@ class FreeFuseScript(scripts.Script):
         if self.generation is not None:
             self.generation.close()
         sessions.close_active()
+
+
+def _model_family(p) -> str:
+    """The loaded checkpoint's family for the defaults ("flux" when it is neither; the plan says so)."""
+    try:
+        return family_name(p.sd_model.forge_objects.unet.model.diffusion_model) or "flux"
+    except AttributeError:
+        return "flux"
 
 
 def _from_infotext(name: str):

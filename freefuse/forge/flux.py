@@ -52,7 +52,8 @@ class FluxFamily:
 
     @staticmethod
     def matches(diffusion_model) -> bool:
-        return hasattr(diffusion_model, "double_blocks") and hasattr(diffusion_model, "single_blocks")
+        # Forge's FLUX class only: Chroma has the same blocks but binds `attention` by name, out of reach
+        return type(diffusion_model).__name__ == "IntegratedFluxTransformer2DModel"
 
     def check(self, settings, diffusion_model) -> str | None:
         """A user-facing reason these settings cannot run on this model, or None."""

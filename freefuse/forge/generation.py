@@ -12,6 +12,7 @@ import torch
 
 from freefuse.forge import session as sessions
 from freefuse.forge import subjects as forge_subjects
+from freefuse.forge.families import family_name
 from freefuse.forge.session import Plan, Session, SubjectSpec
 from freefuse.preview import mask_overlay
 from freefuse.settings import INFOTEXT_KEY, FreeFuseSettings
@@ -50,13 +51,14 @@ class Generation:
 
     def before_sampling(self, p) -> None:
         """process_before_every_sampling: plan this pass and install the session (or explain why not)."""
+        hires = getattr(p, "is_hr_pass", False)
         previous = sessions.active()
-        reuse = previous.masks if (previous is not None and getattr(p, "is_hr_pass", False)) else None
+        reuse = previous.masks if (previous is not None and hires) else None
+        first_pass_subjects = [s.filename for s in previous.plan.subjects] if reuse is not None else None
         sessions.close_active()
         self.session = None
-        if getattr(p, "is_hr_pass", False) and reuse is None:
-            if previous is not None or self.summaries:
-                self.say(p, "no masks from the first pass; the hires pass ran without FreeFuse")
+        if hires and reuse is None:
+            self.say(p, "no masks from a first pass; the hires pass ran without FreeFuse")
             return
         try:
             plan = self._plan(p, reuse)
@@ -65,6 +67,9 @@ class Generation:
             self.say(p, f"could not prepare ({err}); generated without FreeFuse")
             return
         if plan is None:
+            return
+        if first_pass_subjects is not None and [s.filename for s in plan.subjects] != first_pass_subjects:
+            self.say(p, "the hires prompt has other subjects than the first pass; the hires pass ran without FreeFuse")
             return
         session = Session(plan)
         unet = p.sd_model.forge_objects.unet
@@ -83,21 +88,23 @@ class Generation:
         if session is None:
             sessions.close_active()
             return
-        for message in session.messages:
-            self.say(p, message)
-        masks = session.masks
-        if masks is not None:
-            coverage = masks.coverage  # [B, C]
-            for i in range(coverage.shape[0]):
-                parts = [
-                    f"{s.lora}: {s.phrase} {100.0 * float(coverage[i, c]):.0f}%"
-                    for c, s in enumerate(session.plan.subjects)
-                ]
-                self.summaries[batch_number * p.batch_size + i] = ", ".join(parts)
-            if self.settings.show_masks:
-                self._add_pictures(p, images, masks)
-        sessions.close_active()
-        self.session = None
+        try:
+            for message in session.messages:
+                self.say(p, message)
+            masks = session.masks
+            if masks is not None:
+                coverage = masks.coverage  # [B, C]
+                for i in range(coverage.shape[0]):
+                    parts = [
+                        f"{s.lora}: {s.phrase} {100.0 * float(coverage[i, c]):.0f}%"
+                        for c, s in enumerate(session.plan.subjects)
+                    ]
+                    self.summaries[batch_number * p.batch_size + i] = ", ".join(parts)
+                if self.settings.show_masks:
+                    self._add_pictures(p, images, masks)
+        finally:
+            sessions.close_active()
+            self.session = None
 
     def close(self) -> None:
         sessions.close_active()
@@ -112,26 +119,34 @@ class Generation:
 
     def _plan(self, p, reuse) -> Plan | None:
         sd_model = p.sd_model
-        if not hasattr(sd_model, "text_processing_engine_t5"):
+        family = family_name(sd_model.forge_objects.unet.model.diffusion_model)
+        if family is None:
             self.say(
                 p,
-                "this checkpoint is not FLUX; FreeFuse supports FLUX.1 in this version. Generated without it",
+                "this checkpoint is neither FLUX.1 nor SDXL-family (SD 1.x/2.x and Chroma are not supported); "
+                "generated without FreeFuse",
             )
             return None
-        prompts = list(dict.fromkeys(p.prompts))
+        hires = getattr(p, "is_hr_pass", False)
+        batch_prompts = getattr(p, "hr_prompts", None) if hires else None
+        prompts = list(dict.fromkeys(batch_prompts or p.prompts))
         if len(prompts) != 1:
             self.say(p, "the images of this batch have different prompts; FreeFuse needs one prompt per batch")
             return None
         prompt = prompts[0]
-        problem = forge_subjects.prompt_problem(prompt, p.steps)
+        problem = forge_subjects.prompt_problem(prompt, p.steps, family)
         if problem:
             self.say(p, f"{problem}. Generated without FreeFuse")
             return None
         if not hasattr(p.sampler, "get_sigmas"):
             self.say(p, "this sampler has no sigma schedule; FreeFuse needs a k-diffusion sampler such as Euler")
             return None
-        tokens = forge_subjects.t5_tokens(sd_model, prompt)
-        candidates, notes = forge_subjects.lora_candidates(getattr(p, "prompt", prompt))
+        if family == "flux":
+            tokens = forge_subjects.t5_tokens(sd_model, prompt)
+        else:
+            tokens = forge_subjects.clip_tokens(sd_model, prompt)
+        tagged = _tagged_prompt(p, hires)
+        candidates, notes = forge_subjects.lora_candidates(tagged or prompt)
         for note in notes:
             self.say(p, note)
         plan = forge_subjects.resolve(self.settings, tokens, candidates)
@@ -167,6 +182,16 @@ class Generation:
                     labels=self.subject_names,
                 )
             )
+
+
+def _tagged_prompt(p, hires: bool) -> str | None:
+    """This batch's prompt with its <lora:...> tags (p.prompts has them stripped; p.prompt may be a list)."""
+    index = getattr(p, "iteration", 0) * p.batch_size
+    for name in ("all_hr_prompts", "all_prompts") if hires else ("all_prompts",):
+        prompts = getattr(p, name, None)
+        if prompts and index < len(prompts) and isinstance(prompts[index], str):
+            return prompts[index]
+    return p.prompt if isinstance(getattr(p, "prompt", None), str) else None
 
 
 def _to_pil(image: torch.Tensor):

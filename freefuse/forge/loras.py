@@ -19,6 +19,7 @@ from freefuse.conv_adapters import ConvLowRankFactor, MaskedConvDelta
 
 PatchEntry = list  # [strength, v, strength_model, offset, function]
 KEPT_SUFFIX = "#freefuse-kept"
+DENSE_BUDGET_BYTES = 1 << 30  # dense (LoHa/LoKr/diff) runtime deltas beyond this stay merged instead
 
 
 @dataclass
@@ -80,8 +81,10 @@ def _dense_delta(entry: PatchEntry, owner: int, weight_shape: torch.Size, merge:
     """LoHa/LoKr/diff/adaLN-swapped patches as a dense delta via Forge's own merge maths; a reason if not."""
     v = entry[1]
     kind = v[0] if isinstance(v, tuple) and len(v) == 2 else "diff"
-    if kind in ("glora", "set") or (kind == "lora" and v[1][4] is not None):
-        return f"{kind if kind != 'lora' else 'DoRA'} patches depend on the base weight"
+    if kind in ("glora", "set"):
+        return f"{kind} patches depend on the base weight"
+    if kind in ("lora", "loha", "lokr") and v[1][-1] is not None:
+        return "DoRA patches depend on the base weight"
     if merge is None or len(weight_shape) != 2:
         return f"{kind} patch on a {len(weight_shape)}-D weight"
     zero = torch.zeros(tuple(weight_shape), dtype=torch.float32)
@@ -106,6 +109,7 @@ def build_runtime_loras(
     per_module: dict[str, tuple[list[LowRankFactor], list[DenseDelta]]] = {}
     keep: dict[tuple, dict] = {}
     result = RuntimeLoras()
+    dense_bytes = 0
     for filename, idents in taken.items():
         owner = owners[filename]
         for ident, patches in idents:
@@ -120,15 +124,20 @@ def build_runtime_loras(
                         reason = f"{param} of a layer FreeFuse does not mask"
                     else:
                         factor = _runtime_factor(entry, owner)
-                        if factor is not None and (layout == "conv") == isinstance(factor, ConvLowRankFactor):
+                        fits = factor is not None and _fits(factor, target)
+                        if fits and (layout == "conv") == isinstance(factor, ConvLowRankFactor):
                             per_module.setdefault(module_path, ([], []))[0].append(factor)
                             continue
-                        dense = (
-                            _dense_delta(entry, owner, _weight_shape(target), merge)
-                            if layout != "conv"
-                            else "this conv patch kind is not applied at runtime"
-                        )
+                        if factor is not None and not fits:
+                            dense = "its input width differs from the layer's"
+                        elif layout == "conv":
+                            dense = "this conv patch kind is not applied at runtime"
+                        elif dense_bytes > DENSE_BUDGET_BYTES:
+                            dense = "dense runtime deltas would exceed 1 GiB"
+                        else:
+                            dense = _dense_delta(entry, owner, _weight_shape(target), merge)
                         if isinstance(dense, DenseDelta):
+                            dense_bytes += dense.weight.numel() * 4
                             per_module.setdefault(module_path, ([], []))[1].append(dense)
                             continue
                         reason = dense
@@ -158,11 +167,22 @@ def _resolve(model, module_path: str):
 
 
 def _weight_shape(module) -> torch.Size:
+    """The layer's logical weight shape, also for quantised weights (bnb nf4 packs its data)."""
     weight = getattr(module, "weight", None)
     if weight is None:
         return torch.Size()
-    # quantised weights (GGUF, bnb) keep the logical shape on the module where they can
     out_f, in_f = getattr(module, "out_features", None), getattr(module, "in_features", None)
     if out_f is not None and in_f is not None:
         return torch.Size((out_f, in_f))
-    return weight.shape
+    quant_state = getattr(weight, "quant_state", None)  # bitsandbytes 4-bit
+    if quant_state is not None and getattr(quant_state, "shape", None) is not None:
+        return torch.Size(quant_state.shape)
+    return weight.shape  # GGUF parameters report their real shape
+
+
+def _fits(factor, target) -> bool:
+    """The LoRA reads as many input features (channels) as the layer gets."""
+    if isinstance(factor, ConvLowRankFactor):
+        return factor.down.shape[1] == getattr(target, "in_channels", factor.down.shape[1])
+    shape = _weight_shape(target)
+    return len(shape) == 2 and factor.down.shape[1] == shape[1]

@@ -62,7 +62,9 @@ class SdxlFamily:
     @staticmethod
     def matches(diffusion_model) -> bool:
         # SDXL's UNet has the pooled-text "label_emb"; SD 1.x/2.x UNets do not (not supported, said clearly)
-        return hasattr(diffusion_model, "output_blocks") and hasattr(diffusion_model, "label_emb")
+        return type(diffusion_model).__name__ == "IntegratedUNet2DConditionModel" and hasattr(
+            diffusion_model, "label_emb"
+        )
 
     def check(self, settings, diffusion_model) -> str | None:
         capture = _module(diffusion_model, "output_blocks.0.1")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import uuid
 from dataclasses import dataclass
 
 import torch
@@ -25,6 +26,7 @@ from freefuse.superpixels import default_n_segments, latent_to_rgb
 log = logging.getLogger("freefuse")
 
 _ACTIVE: Session | None = None
+TOKEN_KEY = "freefuse_session"
 
 
 @dataclass
@@ -92,6 +94,7 @@ class Session:
         self._pattern = cw.exclusion_pattern(self.positions, plan.n_txt_cond) if self.settings.token_exclusion else None
         self._cache: dict = {}  # token weights and bias per call shape: built once, reused every step
         self.open = False
+        self.token = uuid.uuid4().hex  # travels in the clone's transformer_options; other models lack it
 
     @property
     def masks(self) -> SubjectMasks | None:
@@ -117,8 +120,8 @@ class Session:
             self.family = detect_family(diffusion_model)
             if self.family is None:
                 raise UnsupportedModel(
-                    "this model is neither FLUX nor SDXL-family; FreeFuse supports FLUX.1 and SDXL (Pony, "
-                    "Illustrious, NoobAI) checkpoints"
+                    f"this model ({type(diffusion_model).__name__}) is neither FLUX nor SDXL-family; FreeFuse "
+                    "supports FLUX.1 and SDXL (Pony, Illustrious, NoobAI) checkpoints, not SD 1.x/2.x or Chroma"
                 )
             problem = self.family.check(self.settings, diffusion_model)
             if problem:
@@ -126,10 +129,12 @@ class Session:
             steps = self.plan.sigmas.numel() - 1
             if self.plan.masks is None and self.settings.capture_step >= steps:
                 raise UnsupportedModel(
-                    f"capture_step {self.settings.capture_step} is not below the number of steps ({steps})"
+                    f"capture_step {self.settings.capture_step} is not below the number of steps ({steps}); "
+                    f"lower Capture step (for example {max(0, steps // 4)}) or sample more steps"
                 )
             if self.plan.masks is not None:
                 self.masks = self.plan.masks
+            clone.model_options.setdefault("transformer_options", {})[TOKEN_KEY] = self.token
             self._install_loras(clone)
             self.family.install(self, diffusion_model)
             self._install_sampler_functions(clone)
@@ -216,7 +221,15 @@ class Session:
 
     # ------------------------------------------------------------------ per call
     def begin_call(self, rows: int, options: dict, n_txt: int, grid: tuple[int, int]) -> None:
-        """Called by the family's model pre-hook at the start of every model call."""
+        """Called by the family's model pre-hook at the start of every model call.
+
+        A call without this session's token comes from a model FreeFuse did not patch (the next generation
+        after one that raised, an img2img run): the session closes itself there and then.
+        """
+        if options.get(TOKEN_KEY) != self.token:
+            log.info("FreeFuse: a model call from outside this generation; removing the leftover hooks")
+            self.close()
+            return
         cond_or_uncond = tuple(options.get("cond_or_uncond") or (0,))
         shape = cw.CallShape(cond_or_uncond, rows // len(cond_or_uncond), grid[0] * grid[1], n_txt)
         sigmas = options.get("sigmas")
@@ -252,8 +265,8 @@ class Session:
         [rows, C, h, w] for a conv layer whose output grid is ``grid``.
         """
         call = self.call
-        if layout == "global":
-            return None
+        if layout == "global" or call.mode == cw.FULL:
+            return None  # all ones: the delta is added unweighted
         grid = tuple(grid or call.grid_hw)
         key = (layout, call.shape, call.mode, grid, like.dtype, like.device)
         if key in self._cache:

@@ -11,21 +11,22 @@ from dataclasses import dataclass
 
 from freefuse.settings import FreeFuseSettings
 from freefuse.subjects import LoraCandidate, SubjectPlan, resolve_subjects
-from freefuse.tokens import locate_phrase
+from freefuse.tokens import clip_content_pieces, locate_phrase
 
 _LORA_TAG = re.compile(r"<lora:([^:>]+)[^>]*>", re.IGNORECASE)
 
 
 @dataclass
 class PromptTokens:
-    """The cond prompt as T5 saw it: content pieces (position i = text position i) and sequence length."""
+    """The cond prompt as the text encoder saw it: content pieces, their positions, the sequence length."""
 
     pieces: list[str]
     n_txt: int  # length of the text sequence the model attends to (content + EOS + padding)
-    eos_position: int
+    eos_position: int | None  # the first end-of-text token, when it can serve as a background channel
+    positions: list[int] | None = None  # text position of each piece (None: piece i is at position i)
 
 
-def prompt_problem(prompt: str, steps: int) -> str | None:
+def prompt_problem(prompt: str, steps: int, family: str = "flux") -> str | None:
     """A user-facing reason FreeFuse cannot work with this prompt's syntax, or None."""
     from modules import prompt_parser
 
@@ -34,7 +35,7 @@ def prompt_problem(prompt: str, steps: int) -> str | None:
     schedules = prompt_parser.get_learned_conditioning_prompt_schedules([prompt], steps)[0]
     if len(schedules) > 1:
         return "the prompt uses [from:to:when] or [a|b] scheduling; FreeFuse needs one fixed prompt"
-    if re.search(r"\bBREAK\b", prompt):
+    if family == "flux" and re.search(r"\bBREAK\b", prompt):
         return "the prompt uses BREAK, which FLUX's T5 encoder in Forge does not support with FreeFuse"
     return None
 
@@ -47,6 +48,21 @@ def t5_tokens(sd_model, prompt: str) -> PromptTokens:
     content = ids[: ids.index(engine.id_end)] if engine.id_end in ids else ids
     pieces = engine.tokenizer.convert_ids_to_tokens(content)
     return PromptTokens(pieces=list(pieces), n_txt=len(ids), eos_position=len(content))
+
+
+def clip_tokens(sd_model, prompt: str) -> PromptTokens:
+    """CLIP pieces of ``prompt`` as Forge's classic engine chunks them: 77 per chunk, [BOS, 75, EOS].
+
+    CLIP-L and CLIP-G chunk the same vocabulary the same way, so CLIP-L's positions hold for both.
+    """
+    engine = sd_model.text_processing_engine_l
+    chunks, _ = engine.tokenize_line(prompt)
+    convert = engine.tokenizer.convert_ids_to_tokens
+    chunk_pieces = [convert(list(chunk.tokens)) for chunk in chunks]
+    bos, eos = convert([engine.id_start])[0], convert([engine.id_end])[0]
+    pieces, positions = clip_content_pieces(chunk_pieces, bos=bos, eos=eos)
+    first_eos = chunk_pieces[0].index(eos, 1) if eos in chunk_pieces[0][1:] else None
+    return PromptTokens(pieces=pieces, n_txt=77 * len(chunks), eos_position=first_eos, positions=positions)
 
 
 def lora_candidates(prompt_with_tags: str) -> tuple[list[LoraCandidate], list[str]]:
@@ -81,14 +97,17 @@ def lora_candidates(prompt_with_tags: str) -> tuple[list[LoraCandidate], list[st
 def background_positions(settings: FreeFuseSettings, tokens: PromptTokens, messages: list[str]) -> list[int] | None:
     """Background channel tokens: the background phrase, else the first EOS (if enabled), else none."""
     if settings.background.strip():
-        match = locate_phrase(tokens.pieces, settings.background)
+        match = locate_phrase(tokens.pieces, settings.background, sequence_positions=tokens.positions)
         if match.found:
             return list(match.positions)
         messages.append(f"background phrase {settings.background!r} is not in the prompt; ignored")
-    if settings.eos_background and tokens.eos_position < tokens.n_txt:
+    if settings.eos_background and tokens.eos_position is not None and tokens.eos_position < tokens.n_txt:
         return [tokens.eos_position]
     return None
 
 
 def resolve(settings: FreeFuseSettings, tokens: PromptTokens, candidates: list[LoraCandidate]) -> SubjectPlan:
-    return resolve_subjects(candidates, settings.subjects, lambda phrase: locate_phrase(tokens.pieces, phrase))
+    def locate(phrase):
+        return locate_phrase(tokens.pieces, phrase, sequence_positions=tokens.positions)
+
+    return resolve_subjects(candidates, settings.subjects, locate)

@@ -45,3 +45,20 @@ def test_xyz_overrides_win_and_are_validated():
     settings, problems = settings_from_args([True], overrides={"enabled": "False"})
     assert settings.enabled is False and problems == []
     assert {name for _, name, _, _ in XYZ_AXES} <= set(setting_names())
+
+
+def test_on_sdxl_untouched_ui_values_take_the_sdxl_defaults_and_changed_ones_stay():
+    ui = FreeFuseSettings.defaults("flux").replace(enabled=True, top_k_ratio=0.2)
+    settings, problems = settings_from_args(list(ui.to_dict().values()), family="sdxl")
+    assert problems == []
+    assert settings == FreeFuseSettings.defaults("sdxl").replace(enabled=True, top_k_ratio=0.2)
+
+
+def test_the_dict_form_on_sdxl_starts_from_the_sdxl_defaults():
+    settings, _ = settings_from_args([{"enabled": True, "temperature": 300}], family="sdxl")
+    assert (settings.capture_block, settings.capture_step, settings.temperature) == (3, 9, 300.0)
+
+
+def test_nothing_is_validated_while_freefuse_is_off():
+    settings, problems = settings_from_args([False, "", "official", "restart", True, 18, 4, 0.1, None])
+    assert problems == [] and settings.enabled is False

@@ -65,7 +65,7 @@ def test_strings_from_infotext_are_coerced():
 
 def test_bias_block_lists_are_accepted_and_garbage_is_not():
     assert FreeFuseSettings.from_dict({"bias_blocks": "double:0-18;single:0,5,7-9"}).bias_blocks
-    with pytest.raises(SettingsError, match="bias_blocks must be one of"):
+    with pytest.raises(SettingsError, match="bias_blocks .double_blocks please. is not usable"):
         FreeFuseSettings.from_dict({"bias_blocks": "double_blocks please"})
 
 
@@ -116,3 +116,11 @@ def test_infotext_holds_only_what_differs_from_the_defaults():
 def test_broken_infotext_is_a_clear_error():
     with pytest.raises(SettingsError, match="not valid JSON"):
         FreeFuseSettings.from_infotext("{temperature: 3")
+
+
+def test_every_block_list_that_validates_also_parses_and_the_reverse():
+    from freefuse.bias import bias_blocks
+
+    for spec in ["double:0-18;single:0-37", "double:0-18,single:0-37", "transformer_blocks.3", "double:10-18"]:
+        settings = FreeFuseSettings.from_dict({"bias_blocks": spec})
+        assert bias_blocks(settings.bias_blocks, 19, 38)

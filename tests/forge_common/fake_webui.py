@@ -172,21 +172,59 @@ class T5Engine:
         return [types.SimpleNamespace(tokens=ids, multipliers=[1.0] * len(ids))], len(ids)
 
 
+class ToyClipTokenizer(ToyT5Tokenizer):
+    """CLIP-BPE-shaped pieces: 'word</w>' per word, '_' and ',' split out as their own words."""
+
+    def __init__(self):
+        self.vocab = {"!": 0, "<|startoftext|>": 1, "<|endoftext|>": 2}
+
+    def __call__(self, texts, add_special_tokens=False, **kwargs):
+        out = []
+        for text in texts:
+            words = [w for part in text.lower().split() for w in re.split(r"(_|,)", part) if w]
+            out.append(
+                [self._id(word + "</w>") if word not in ("_", ",") else self._id(word + "</w>") for word in words]
+            )
+        return {"input_ids": out}
+
+
+class ClipEngine:
+    """tokenize_line as backend/text_processing/classic_engine.py: 75-token chunks as [BOS, 75, EOS]."""
+
+    id_start, id_end, id_pad = 1, 2, 2
+
+    def __init__(self):
+        self.tokenizer = ToyClipTokenizer()
+
+    def tokenize_line(self, line):
+        text = re.sub(r"\(([^():]*)(:[\d.]+)?\)", r"\1", line)
+        chunks, ids = [], []
+        for segment in re.split(r"\bBREAK\b", text):
+            ids = self.tokenizer([segment])["input_ids"][0]
+            for start in range(0, max(len(ids), 1), 75):
+                body = ids[start : start + 75]
+                tokens = [self.id_start] + body + [self.id_end] * (76 - len(body))
+                chunks.append(types.SimpleNamespace(tokens=tokens, multipliers=[1.0] * 77))
+        return chunks, sum(len(c.tokens) for c in chunks)
+
+
 class Processing:
     """The attributes of StableDiffusionProcessingTxt2Img that FreeFuse reads or writes."""
 
     def __init__(self, prompt_with_tags: str, unet, *, steps=4, batch_size=1, engine=None, sigmas=None):
         self.prompt = prompt_with_tags
         clean = re.sub(r"<lora:[^>]*>", "", prompt_with_tags).strip()
-        self.prompts = [clean] * batch_size
-        self.all_prompts = list(self.prompts)
+        self.prompts = [clean] * batch_size  # Forge strips the tags from p.prompts only
+        self.all_prompts = [prompt_with_tags] * batch_size
         self.steps, self.batch_size, self.iteration = steps, batch_size, 0
         self.is_hr_pass = False
         self.extra_generation_params: dict = {}
         self.extra_result_images: list = []
         self.comments: dict = {}
         self.sd_model = types.SimpleNamespace(
-            forge_objects=types.SimpleNamespace(unet=unet), text_processing_engine_t5=engine or T5Engine()
+            forge_objects=types.SimpleNamespace(unet=unet),
+            text_processing_engine_t5=engine or T5Engine(),
+            text_processing_engine_l=ClipEngine(),
         )
         self._sigmas = sigmas if sigmas is not None else torch.linspace(1.0, 0.0, steps + 1)
         self.sampler = types.SimpleNamespace(get_sigmas=lambda p, steps: self._sigmas)

@@ -43,7 +43,7 @@ def model(harness, webui):
     return unet, harness.add_loras(unet, [(loras["A"], 1.0), (loras["B"], 1.0)]), loras
 
 
-def generate(harness, webui, unet, args, *, prompt=PROMPT, batch=1, cfg=1.0, steps=4, xyz=None):
+def generate(harness, webui, unet, args, *, prompt=PROMPT, batch=1, cfg=1.0, steps=4, xyz=None, n_txt=N_TXT):
     """One txt2img job: the callbacks in Forge's order around the harness's sampling."""
     script = webui.module.FreeFuseScript()
     script.ui(False)
@@ -58,7 +58,7 @@ def generate(harness, webui, unet, args, *, prompt=PROMPT, batch=1, cfg=1.0, ste
         script.process_before_every_sampling(p, *args, x=x, noise=x, c=cond, uc=uncond)
         return p.sd_model.forge_objects.unet
 
-    latent = harness.sample(unet, before_sampling=before, batch=batch, cfg=cfg, steps=steps, n_txt=N_TXT, seed=21)
+    latent = harness.sample(unet, before_sampling=before, batch=batch, cfg=cfg, steps=steps, n_txt=n_txt, seed=21)
     images = torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     script.postprocess_batch(p, *args, images=images, batch_number=0)
     script.postprocess(p, types.SimpleNamespace(), *args)
@@ -184,3 +184,33 @@ def test_script_reload_closes_a_session_left_open(harness, webui, model):
     for callback in webui.callbacks["script_unloaded"]:
         callback()
     assert sessions.active() is None
+
+
+# ---------------------------------------------------------------------- SDXL through the script
+@pytest.fixture
+def sdxl_model(harness, webui):
+    unet = harness.make_sdxl_unet(seed=0, transformer_depth_output=(0, 0, 0, 1, 1, 1, 4, 4, 4))
+    loras = {n: harness.make_lora(unet, name=n, seed=i + 1) for i, n in enumerate("AB")}
+    webui.load_lora("A", loras["A"].filename, activation_text="harry_potter")
+    webui.load_lora("B", loras["B"].filename, metadata={"modelspec.trigger_phrase": "daiyu_lin"})
+    return unet, harness.add_loras(unet, [(loras["A"], 1.0), (loras["B"], 1.0)]), loras
+
+
+def test_sdxl_subjects_are_found_on_clip_chunks_and_get_masks(harness, webui, sdxl_model):
+    unet, both, loras = sdxl_model
+    p = generate(
+        harness, webui, both, [ON], prompt=PROMPT.replace("harry_potter", "(harry_potter:1.2)"), cfg=5.0, n_txt=77
+    )
+    assert not p.comments, p.comments
+    assert len(p.extra_result_images) == 1
+    assert subjects_line(p).startswith("A: harry_potter ")
+    assert json.loads(p.extra_generation_params["FreeFuse"])["family"] == "sdxl"
+
+
+def test_sdxl_untouched_ui_values_take_the_sdxl_defaults(harness, webui, sdxl_model):
+    unet, both, loras = sdxl_model
+    ui = list(FreeFuseSettings.defaults("flux").replace(enabled=True).to_dict().values())
+    p = generate(harness, webui, both, ui, cfg=5.0, steps=10, n_txt=77)
+    assert not p.comments, p.comments
+    assert json.loads(p.extra_generation_params["FreeFuse"]) == {"v": 1, "family": "sdxl"}  # all SDXL defaults
+    assert len(p.extra_result_images) == 1

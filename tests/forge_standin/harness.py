@@ -3,17 +3,21 @@
 Build the harness only while the stand-in is installed (the `harness` fixture does); it imports the
 `backend` modules when constructed, never at import time.
 
-Conventions shared with the real tier (tests/forge/harness.py), so both draw the same numbers:
+Conventions shared with the real tier (tests/forge/harness*.py), so both draw the same numbers:
+- weights drawn in state-dict order from one generator seeded with `seed`: Linear/Conv weights
+  N(0, std^2) with std = clamp(0.5/sqrt(fan_in), 0.02, 0.1), fan_in = prod(shape[1:]); biases
+  N(0, 0.02^2); norm scales (RMSNorm `.scale`, GroupNorm/LayerNorm 1-D `.weight`) 1 + N(0, 0.1^2);
 - tiny FLUX: in_channels 16 (x 2 x 2 patch = 64 features), axes_dim from `axes_dim_for(head_dim)`, theta
-  10000, qkv_bias True, mlp_ratio 4; weights drawn in state-dict order from one generator seeded with
-  `seed`: 2-D weights N(0, std^2) with std = clamp(0.5/sqrt(fan_in), 0.02, 0.1), biases N(0, 0.02^2),
-  RMSNorm scales 1 + N(0, 0.1^2);
+  10000, qkv_bias True, mlp_ratio 4;
+- tiny SDXL: see harness_sdxl.py (EPS predictor, 4 latent channels, kohya LoRAs incl. conv LoCon);
 - predictor as Forge's diffusion_engine/flux.py picks it: dev (guidance) the resolution-shift
   PredictionFlux (mu 1.15), schnell mu=1.0; sigmas from Forge's "Simple" scheduler;
-- LoRAs: down ~ N(0, scale^2/in), up ~ N(0, scale^2/rank), layers in module order; kohya files carry
-  alpha = rank / 2, diffusers files carry no alpha (factor 1);
-- conds: noise, then crossattn, vector ~ N(0, 1) and guidance 3.5 per row; an uncond (drawn after the
-  cond) only when cfg != 1, otherwise uncond is None as in Forge's txt2img.
+- LoRAs: per layer in module order, down then up: down [r, in(, kh, kw)] ~ N(0, scale^2/fan_in), up
+  [out, r(, 1, 1)] ~ N(0, scale^2/rank); kohya files carry alpha = rank / 2, diffusers files carry no
+  alpha (factor 1);
+- conds: noise [B, C_latent, H/8, W/8], then crossattn, vector ~ N(0, 1) (and guidance 3.5 per row for
+  FLUX dev); an uncond (drawn after the cond) only when cfg != 1, otherwise None as in Forge's txt2img;
+- sigmas: Forge's "Simple" schedule from the predictor's table (PredictionFlux or the EPS Prediction).
 """
 
 import importlib
@@ -22,6 +26,8 @@ from dataclasses import dataclass, field
 from types import SimpleNamespace
 
 import torch
+
+from .harness_sdxl import SDXL_REPO, SDXL_SCHEDULER, is_unet, sdxl_conds, sdxl_lora_layers, sdxl_unet_config
 
 LATENT_CHANNELS = 16
 DISTILLED_GUIDANCE = 3.5
@@ -45,18 +51,32 @@ def axes_dim_for(head_dim: int) -> list[int]:
     return [first, second, head_dim - first - second]
 
 
+def _weight_std(fan_in: int) -> float:
+    return min(0.1, max(0.02, 0.5 / math.sqrt(fan_in)))
+
+
 def _random_state_dict(model: torch.nn.Module, seed: int) -> dict:
     gen = torch.Generator().manual_seed(seed)
     state = {}
     for key, value in model.state_dict().items():
         noise = torch.randn(value.shape, generator=gen)
-        if key.endswith(".scale"):  # RMSNorm in QKNorm
+        if key.endswith(".scale") or (key.endswith(".weight") and value.ndim == 1):  # norm scales
             state[key] = 1.0 + 0.1 * noise
         elif key.endswith(".bias"):
             state[key] = 0.02 * noise
         else:
-            state[key] = min(0.1, max(0.02, 0.5 / math.sqrt(value.shape[1]))) * noise
+            state[key] = _weight_std(math.prod(value.shape[1:])) * noise
     return state
+
+
+def _lora_factors(weight_shape, rank: int, scale: float, gen: torch.Generator):
+    """(down, up), down drawn first. Linear [out, in]: down [r, in], up [out, r]; conv [out, in, kh, kw]
+    (LoCon): down [r, in, kh, kw] (fan_in = in*kh*kw), up [out, r, 1, 1]."""
+    n_out, n_in, *kernel = weight_shape
+    fan_in = n_in * math.prod(kernel)
+    down = torch.randn(rank, n_in, *kernel, generator=gen) * (scale / math.sqrt(fan_in))
+    up = torch.randn(n_out, rank, *[1] * len(kernel), generator=gen) * (scale / math.sqrt(rank))
+    return down, up
 
 
 # diffusers names -> (stand-in module inside the block, rows it feeds: None = all, else "h" or "mlp")
@@ -98,7 +118,7 @@ _KOHYA_ATTN_ONLY = ("_attn.qkv", "_attn.proj", ".linear1")
 
 
 def _lora_layers(model, fmt: str, attn_only: bool, get_attr) -> list:
-    """(lora key prefix, in_features, out_features) for every targeted layer, in module order."""
+    """(lora key prefix, [out, in] of the delta) for every targeted FLUX layer, in module order."""
     layers = []
     if fmt == "kohya":
         for name, module in model.named_modules():
@@ -108,7 +128,7 @@ def _lora_layers(model, fmt: str, attn_only: bool, get_attr) -> list:
                 continue
             if attn_only and not name.endswith(_KOHYA_ATTN_ONLY):
                 continue
-            layers.append(("lora_unet_" + name.replace(".", "_"), weight.shape[1], weight.shape[0]))
+            layers.append(("lora_unet_" + name.replace(".", "_"), weight.shape))
         return layers
     hidden = model.hidden_size
     for kind, blocks, table in (
@@ -121,7 +141,7 @@ def _lora_layers(model, fmt: str, attn_only: bool, get_attr) -> list:
                     continue
                 n_out, n_in = get_attr(block, module_name).weight.shape
                 n_out = {None: n_out, "h": hidden, "mlp": int(hidden * 4)}[rows]
-                layers.append((f"transformer.{kind}.{i}.{diffusers_name}", n_in, n_out))
+                layers.append((f"transformer.{kind}.{i}.{diffusers_name}", (n_out, n_in)))
     return layers
 
 
@@ -133,6 +153,7 @@ class StandinHarness:
         self._utils = importlib.import_module("backend.utils")
         self._lora = importlib.import_module("backend.patcher.lora")
         self._unet = importlib.import_module("backend.patcher.unet")
+        self.unet_module = importlib.import_module("backend.nn.unet")
         self._prediction = importlib.import_module("backend.modules.k_prediction")
         self._memory = importlib.import_module("backend.memory_management")
         self._condition = importlib.import_module("backend.sampling.condition")
@@ -169,11 +190,7 @@ class StandinHarness:
         )
         model = self.flux_module.IntegratedFluxTransformer2DModel(**config)
         model.load_state_dict(_random_state_dict(model, seed))
-        model.to(dtype)
-        cpu = torch.device("cpu")
-        model.storage_dtype = model.computation_dtype = dtype
-        model.load_device = model.offload_device = model.initial_device = cpu
-        model.config = config
+        self._set_loader_attributes(model, config, dtype)
         if guidance:  # diffusion_engine/flux.py: dev gets the resolution-shift predictor, schnell mu=1
             repo, predictor = (
                 DEV_REPO,
@@ -190,6 +207,50 @@ class StandinHarness:
             k_predictor=predictor,
         )
 
+    def make_sdxl_unet(
+        self,
+        *,
+        model_channels: int = 32,
+        transformer_depth=(0, 0, 1, 1, 2, 2),
+        transformer_depth_middle: int = 1,
+        transformer_depth_output=(0, 0, 0, 1, 1, 1, 2, 2, 2),
+        channel_mult=(1, 2, 4),
+        num_head_channels: int = 16,
+        context_dim: int = 32,
+        adm_in_channels: int = 16,
+        seed: int = 0,
+        dtype=torch.float32,
+    ):
+        """A tiny random SDXL-layout UNet, wrapped as diffusion_engine/sdxl.py does (EPS predictor from the
+        scheduler config, KModel, UnetPatcher)."""
+        config = sdxl_unet_config(
+            model_channels=model_channels,
+            transformer_depth=transformer_depth,
+            transformer_depth_middle=transformer_depth_middle,
+            transformer_depth_output=transformer_depth_output,
+            channel_mult=channel_mult,
+            num_head_channels=num_head_channels,
+            context_dim=context_dim,
+            adm_in_channels=adm_in_channels,
+        )
+        model = self.unet_module.IntegratedUNet2DConditionModel(**config)
+        model.load_state_dict(_random_state_dict(model, seed))
+        self._set_loader_attributes(model, config, dtype)
+        return self._unet.UnetPatcher.from_model(
+            model,
+            diffusers_scheduler=SDXL_SCHEDULER,
+            config=SimpleNamespace(huggingface_repo=SDXL_REPO, unet_config=config),
+        )
+
+    @staticmethod
+    def _set_loader_attributes(model, config: dict, dtype) -> None:
+        """What backend/loader.py sets on a freshly loaded diffusion model (all on the CPU here)."""
+        model.to(dtype)
+        cpu = torch.device("cpu")
+        model.storage_dtype = model.computation_dtype = dtype
+        model.load_device = model.offload_device = model.initial_device = cpu
+        model.config = config
+
     # --- LoRAs ---------------------------------------------------------------------------------------
 
     def make_lora(
@@ -203,14 +264,21 @@ class StandinHarness:
         targets: str = "all",
         scale: float = 0.5,
     ) -> LoraFile:
-        if fmt not in ("kohya", "diffusers") or targets not in ("all", "attn"):
+        """FLUX: kohya or diffusers, targets "all" / "attn". SDXL: kohya only, targets "all" (Linears of
+        the transformers + ResBlock conv LoCon), "linear" or "attn" (see harness_sdxl.py)."""
+        model = unet.model.diffusion_model
+        if is_unet(model):
+            if fmt != "kohya":
+                raise ValueError(f"SDXL LoRAs are kohya files here, not {fmt!r}")
+            layers = sdxl_lora_layers(model, targets)
+        elif fmt not in ("kohya", "diffusers") or targets not in ("all", "attn"):
             raise ValueError(f"unknown fmt {fmt!r} or targets {targets!r}")
-        layers = _lora_layers(unet.model.diffusion_model, fmt, targets == "attn", self._utils.get_attr)
+        else:
+            layers = _lora_layers(model, fmt, targets == "attn", self._utils.get_attr)
         gen = torch.Generator().manual_seed(seed)
         state = {}
-        for prefix, n_in, n_out in layers:
-            down = torch.randn(rank, n_in, generator=gen) * (scale / math.sqrt(n_in))  # [r, in]
-            up = torch.randn(n_out, rank, generator=gen) * (scale / math.sqrt(rank))  # [out, r]
+        for prefix, weight_shape in layers:
+            down, up = _lora_factors(weight_shape, rank, scale, gen)  # [r, in(, kh, kw)], [out, r(, 1, 1)]
             if fmt == "kohya":
                 state[f"{prefix}.lora_down.weight"] = down
                 state[f"{prefix}.lora_up.weight"] = up
@@ -249,7 +317,10 @@ class StandinHarness:
 
     @staticmethod
     def _random_conds(unet, batch: int, n_txt: int, gen: torch.Generator) -> dict:
-        """FLUX conds as diffusion_engine/flux.py builds them: T5 crossattn, CLIP pooled vector, guidance."""
+        """FLUX conds as diffusion_engine/flux.py builds them: T5 crossattn, CLIP pooled vector, guidance;
+        SDXL conds from harness_sdxl.sdxl_conds."""
+        if is_unet(unet.model.diffusion_model):
+            return sdxl_conds(unet.model.diffusion_model, batch, n_txt, gen)
         config = unet.model.diffusion_model.config
         cond = dict(
             crossattn=torch.randn(batch, n_txt, config["context_in_dim"], generator=gen),  # [B, n_txt, ctx]
@@ -282,16 +353,21 @@ class StandinHarness:
         batch: int = 1,
         height: int = 64,
         width: int = 64,
-        n_txt: int = 8,
+        n_txt: int | None = None,
         seed: int = 0,
         before_sampling=None,
         on_step=None,
         raise_at_step: int | None = None,
     ) -> torch.Tensor:
-        """Euler txt2img sampling through the stand-in's sampling_function_inner; the final latent [B, 16, h, w]."""
+        """Euler txt2img sampling through the stand-in's sampling_function_inner; the final latent
+        [B, C, H/8, W/8] (C = 16 for FLUX, 4 for SDXL). n_txt defaults to 8 (FLUX) / 77 (SDXL)."""
+        unet_kind = is_unet(unet.model.diffusion_model)
+        if n_txt is None:
+            n_txt = 77 if unet_kind else 8
+        channels = unet.model.diffusion_model.in_channels if unet_kind else LATENT_CHANNELS
         with torch.inference_mode():  # Forge samples inside inference_mode (processing.py)
             gen = torch.Generator().manual_seed(seed)
-            noise = torch.randn(batch, LATENT_CHANNELS, height // 8, width // 8, generator=gen)
+            noise = torch.randn(batch, channels, height // 8, width // 8, generator=gen)
             cond = self._random_conds(unet, batch, n_txt, gen)
             uncond = self._random_conds(unet, batch, n_txt, gen) if cfg != 1.0 else None
             sigmas = self.sigmas(unet, steps)

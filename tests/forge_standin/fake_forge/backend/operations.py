@@ -1,14 +1,17 @@
-"""Forge's layer class for Linear (`ForgeOperations.Linear`), reduced to what matters here.
+"""Forge's layer classes for Linear and Conv2d (`ForgeOperations.Linear` / `.Conv2d`), reduced.
 
 Like Forge's, this Linear is a plain `torch.nn.Module` and NOT a `torch.nn.Linear`, so code that
 selects layers with isinstance(m, nn.Linear) fails here as it does in Forge. It owns `weight` and
 `bias` Parameters and runs F.linear; online LoRAs that Forge's LoraLoader attaches as
 `forge_online_loras` are merged into the weight on every call, as in Forge's get_weight_and_bias.
+Conv2d, as in Forge, IS a `torch.nn.Conv2d` subclass whose forward does the same online merge.
 
 Simplified: no low-VRAM casting/streaming, no `dummy` parameter, no scale_weight; Forge's flux.py
 builds its layers with `torch.nn.Linear` swapped by `using_forge_operations`, the stand-in's flux.py
 uses this class directly. Unlike Forge's (which creates a bias only if the state dict has one), the
-`bias` argument decides whether a bias exists.
+`bias` argument decides whether a bias exists. Conv2d starts from zeros (Forge leaves the memory
+uninitialised: its reset_parameters does nothing); GroupNorm / LayerNorm are not swapped (Forge's
+subclasses add only manual casting).
 """
 
 import torch
@@ -46,5 +49,16 @@ class ForgeOperations:
             has_bias = self.bias is not None
             return f"in_features={self.in_features}, out_features={self.out_features}, bias={has_bias}"
 
+    class Conv2d(torch.nn.Conv2d):
+        def reset_parameters(self):
+            torch.nn.init.zeros_(self.weight)
+            if self.bias is not None:
+                torch.nn.init.zeros_(self.bias)
+
+        def forward(self, x):
+            weight, bias = get_weight_and_bias(self)
+            return self._conv_forward(x, weight, bias)
+
 
 Linear = ForgeOperations.Linear
+Conv2d = ForgeOperations.Conv2d

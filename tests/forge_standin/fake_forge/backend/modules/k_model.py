@@ -1,10 +1,13 @@
 """Forge's KModel: holds the transformer as `.diffusion_model` and turns (x, sigma, conds) into x0.
 
-Simplified: no memory estimation by attention backend; `diffusers_scheduler` is ignored (pass a
-k_predictor).
+Without a k_predictor the predictor comes from `diffusers_scheduler` (its `.config`: prediction_type,
+beta_schedule, beta_start, beta_end, num_train_timesteps), as Forge's SDXL engine builds it.
+Simplified: no memory estimation by attention backend.
 """
 
 import torch
+
+from backend.modules.k_prediction import k_prediction_from_diffusers_scheduler
 
 
 class KModel(torch.nn.Module):
@@ -15,7 +18,7 @@ class KModel(torch.nn.Module):
         self.computation_dtype = model.computation_dtype
         self.diffusion_model = model
         if k_predictor is None:
-            raise NotImplementedError("the stand-in needs an explicit k_predictor")
+            k_predictor = k_prediction_from_diffusers_scheduler(diffusers_scheduler)
         self.predictor = k_predictor
 
     def apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):

@@ -7,14 +7,28 @@ stored there get their instance copied, closures survive); `add_patches` accepts
 (model_key, offset[, function]) and keeps only keys that are parameters of the model; one LoraLoader per
 model (`model.lora_loader`), so `refresh_loras()` merges this patcher's set into the shared weights.
 
-Simplified: no object patches, no attn1/attn2/block patch helpers (FLUX does not read them), no
-memory-size bookkeeping beyond a parameter byte count.
+The UNet patch helpers (`set_model_patch`, `set_model_patch_replace`, `set_model_attn1/2_patch`,
+`_replace`, `_output_patch`, input/output block patches) write model_options["transformer_options"]
+as Forge does: "patches"[name] lists, and "patches_replace"[name][(block_name, number[, transformer_index])]
+with the outer dicts copied (copy-on-write) before the new entry goes in.
+
+Simplified: no object patches, no memory-size bookkeeping beyond a parameter byte count.
 """
 
 import copy
 import inspect
 
 from backend.patcher.lora import LoraLoader
+
+
+def set_model_options_patch_replace(model_options, patch, name, block_name, number, transformer_index=None):
+    to = model_options["transformer_options"].copy()
+    to["patches_replace"] = dict(to.get("patches_replace", {}))
+    to["patches_replace"][name] = dict(to["patches_replace"].get(name, {}))
+    block = (block_name, number) if transformer_index is None else (block_name, number, transformer_index)
+    to["patches_replace"][name][block] = patch
+    model_options["transformer_options"] = to
+    return model_options
 
 
 def set_model_options_post_cfg_function(model_options, post_cfg_function, disable_cfg1_optimization=False):
@@ -113,6 +127,43 @@ class ModelPatcher:
 
     def set_model_unet_function_wrapper(self, unet_wrapper_function):
         self.model_options["model_function_wrapper"] = unet_wrapper_function
+
+    def set_model_patch(self, patch, name):
+        to = self.model_options["transformer_options"]
+        to.setdefault("patches", {})
+        to["patches"][name] = to["patches"].get(name, []) + [patch]
+
+    def set_model_patch_replace(self, patch, name, block_name, number, transformer_index=None):
+        self.model_options = set_model_options_patch_replace(
+            self.model_options, patch, name, block_name, number, transformer_index=transformer_index
+        )
+
+    def set_model_attn1_patch(self, patch):
+        self.set_model_patch(patch, "attn1_patch")
+
+    def set_model_attn2_patch(self, patch):
+        self.set_model_patch(patch, "attn2_patch")
+
+    def set_model_attn1_replace(self, patch, block_name, number, transformer_index=None):
+        self.set_model_patch_replace(patch, "attn1", block_name, number, transformer_index)
+
+    def set_model_attn2_replace(self, patch, block_name, number, transformer_index=None):
+        self.set_model_patch_replace(patch, "attn2", block_name, number, transformer_index)
+
+    def set_model_attn1_output_patch(self, patch):
+        self.set_model_patch(patch, "attn1_output_patch")
+
+    def set_model_attn2_output_patch(self, patch):
+        self.set_model_patch(patch, "attn2_output_patch")
+
+    def set_model_input_block_patch(self, patch):
+        self.set_model_patch(patch, "input_block_patch")
+
+    def set_model_input_block_patch_after_skip(self, patch):
+        self.set_model_patch(patch, "input_block_patch_after_skip")
+
+    def set_model_output_block_patch(self, patch):
+        self.set_model_patch(patch, "output_block_patch")
 
     def model_state_dict(self, filter_prefix=None):
         sd = self.model.state_dict()

@@ -10,6 +10,12 @@ Layouts mirrored from Forge (dfdcbab6):
   function]: W[offset] += function(strength * alpha / rank * up @ down), computed in float32.
 - `LoraLoader.refresh(lora_patches)`: hashes the identifiers only, restores its own backups, then
   merges every (key, online_mode) group; online groups are attached as `forge_online_loras`.
+- SD/SDXL UNets: every parameter answers to its kohya name through the generic rule, e.g.
+  "lora_unet_output_blocks_0_1_transformer_blocks_0_attn2_to_q" -> "diffusion_model.output_blocks.0.1.
+  transformer_blocks.0.attn2.to_q.weight"; conv LoCon (down [r, in, kh, kw], up [out, r, 1, 1]) merges
+  as up.flatten(1) @ down.flatten(1) reshaped to the conv weight [out, in, kh, kw], as in Forge; diffusers
+  UNet names (unet_lora_keys.unet_to_diffusers) answer as "lora_unet_<diffusers_name>", "lycoris_...",
+  and "[unet.]<diffusers.name with .processor.to_*>" (to_out.0 -> to_out).
 
 Simplified: only the "lora" (up/down, no LoCon mid, no DoRA), "diff" and "set" patch types; no loha,
 lokr, glora or BFL-control conversion (the stand-in raises NotImplementedError where Forge would
@@ -21,6 +27,7 @@ import torch
 
 from backend import utils
 from backend.patcher.flux_lora_keys import flux_to_diffusers
+from backend.patcher.unet_lora_keys import unet_to_diffusers
 
 CPU = torch.device("cpu")
 
@@ -35,7 +42,8 @@ _LORA_NAMES = (
 
 
 def model_lora_keys_unet(model, key_map=None) -> dict:
-    """LoRA key prefixes this KModel answers to (kohya, generic and, for FLUX repos, diffusers names)."""
+    """LoRA key prefixes this KModel answers to (kohya, generic; diffusers names for SD/SDXL UNets and
+    for FLUX repos)."""
     key_map = {} if key_map is None else key_map
     prefix = "diffusion_model."
     for k in model.state_dict():
@@ -47,6 +55,16 @@ def model_lora_keys_unet(model, key_map=None) -> dict:
             key_map[k[: -len(".weight")]] = k
         else:
             key_map[k] = k
+    for name, path in unet_to_diffusers(model.diffusion_model.config).items():  # {} unless a UNet config
+        if name.endswith(".weight"):
+            stem, target = name[: -len(".weight")], prefix + path
+            key_map[f"lora_unet_{stem.replace('.', '_')}"] = target
+            key_map[f"lycoris_{stem.replace('.', '_')}"] = target
+            peft = stem.replace(".to_", ".processor.to_")  # diffusers attention-processor LoRA names
+            if peft.endswith(".to_out.0"):
+                peft = peft[: -len(".0")]
+            for head in ("", "unet."):
+                key_map[head + peft] = target
     if "flux" in model.config.huggingface_repo.lower():
         for name, target in flux_to_diffusers(model.diffusion_model.config, output_prefix=prefix).items():
             if name.endswith(".weight"):

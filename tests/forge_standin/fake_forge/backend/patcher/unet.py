@@ -4,7 +4,8 @@ Mirrored: `from_model` wraps the transformer in a KModel; `clone()` as ModelPatc
 extra-sampling fields; the model_options helpers (`add_sampler_pre_cfg_function`,
 `add_conditioning_modifier`, transformer options); `add_extra_torch_module_during_sampling` reads
 `self.model.diffusion_model.dtype` when cast_to_unet_dtype=True, which FLUX does not have (AttributeError,
-as in Forge). Simplified: no ControlNet linking, no alphas_cumprod or block modifiers.
+as in Forge); UNet block modifiers (`add_block_modifier`, `add_block_inner_modifier`). Simplified: no
+ControlNet linking, no alphas_cumprod modifiers, no group-norm wrapper.
 """
 
 import copy
@@ -80,3 +81,9 @@ class UnetPatcher(ModelPatcher):
 
     def add_sampler_pre_cfg_function(self, modifier, ensure_uniqueness=False):
         self.append_model_option("sampler_pre_cfg_function", modifier, ensure_uniqueness)
+
+    def add_block_modifier(self, modifier, ensure_uniqueness=False):
+        self.append_transformer_option("block_modifiers", modifier, ensure_uniqueness)
+
+    def add_block_inner_modifier(self, modifier, ensure_uniqueness=False):
+        self.append_transformer_option("block_inner_modifiers", modifier, ensure_uniqueness)
