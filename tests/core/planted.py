@@ -28,6 +28,8 @@ from typing import Literal
 
 import torch
 
+from freefuse.maps import SimilarityMaps, official_similarity_maps, paper_similarity_maps
+
 MATCH_LOGIT = 3.0  # logit of a matching query/key pair at scale 1/sqrt(dim)
 SINK_GAIN = 2.0  # sink keys give SINK_GAIN * MATCH_LOGIT against every text direction
 FILLER_GAIN = 0.5  # size of the non-subject text tokens relative to subject tokens
@@ -220,3 +222,20 @@ def planted_case(
         logit_scale=1.0 / math.sqrt(dim),
         temperature=TEMPERATURE,
     )
+
+
+def maps_by_method(case, background: bool = True) -> dict[str, SimilarityMaps]:
+    """Each method in each softmax direction on a planted case, by name."""
+    bg = case.background_positions if background else None
+    q, positions, grid = case.q_img, case.subject_positions, case.grid_hw
+    official = dict(logit_scale=case.logit_scale, temperature=case.temperature)
+    return {
+        "official/image": official_similarity_maps(q, case.k_txt, case.o_img, positions, bg, **official),
+        "official/text": official_similarity_maps(
+            q, case.k_txt, case.o_img, positions, bg, cross_softmax="text", **official
+        ),
+        "paper/text_to_image": paper_similarity_maps(q, case.k_img, positions, bg, grid_hw=grid, q_txt=case.q_txt),
+        "paper/image_to_text": paper_similarity_maps(
+            q, case.k_img, positions, bg, grid_hw=grid, k_txt=case.k_txt, cross_direction="image_to_text"
+        ),
+    }

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from freefuse import maps
 from freefuse.maps import SimilarityMaps, official_similarity_maps, paper_similarity_maps
-from tests.core.planted import planted_case
+from tests.core.planted import maps_by_method, planted_case
 
 LN2 = math.log(2.0)
 
@@ -370,9 +370,9 @@ def test_permuting_the_subjects_permutes_the_maps(layer, data):
 
 def test_head_chunking_does_not_change_the_result(monkeypatch):
     case = planted_case((6, 8), 3, batch=2, heads=5, seed=4)
-    whole = _both_methods(case)
+    whole = maps_by_method(case)
     monkeypatch.setattr(maps, "_CHUNK_ELEMENTS", 1)  # one head at a time
-    for name, chunked in _both_methods(case).items():
+    for name, chunked in maps_by_method(case).items():
         torch.testing.assert_close(chunked.subjects, whole[name].subjects, msg=name)
         torch.testing.assert_close(chunked.background, whole[name].background, msg=name)
 
@@ -381,52 +381,35 @@ def test_head_chunking_does_not_change_the_result(monkeypatch):
 # Shapes, distributions, dtypes
 
 
-def _both_methods(case, background: bool = True) -> dict[str, SimilarityMaps]:
-    """Each method in each softmax direction on a planted case, by name."""
-    bg = case.background_positions if background else None
-    q, positions, grid = case.q_img, case.subject_positions, case.grid_hw
-    official = dict(logit_scale=case.logit_scale, temperature=case.temperature)
-    return {
-        "official/image": official_similarity_maps(q, case.k_txt, case.o_img, positions, bg, **official),
-        "official/text": official_similarity_maps(
-            q, case.k_txt, case.o_img, positions, bg, cross_softmax="text", **official
-        ),
-        "paper/text_to_image": paper_similarity_maps(q, case.k_img, positions, bg, grid_hw=grid, q_txt=case.q_txt),
-        "paper/image_to_text": paper_similarity_maps(
-            q, case.k_img, positions, bg, grid_hw=grid, k_txt=case.k_txt, cross_direction="image_to_text"
-        ),
-    }
-
-
 _TENSORS = ("q_img", "k_img", "o_img", "q_txt", "k_txt")
 
 
 @pytest.mark.parametrize("n_subjects", [1, 2, 3, 4])
 def test_maps_are_float32_distributions_of_shape_b_c_n(n_subjects):
     case = planted_case((10, 12), n_subjects, batch=2, seed=n_subjects)
-    for name, out in _both_methods(case).items():
+    for name, out in maps_by_method(case).items():
         assert out.subjects.shape == (2, n_subjects, 120), name
         assert out.background is not None and out.background.shape == (2, 120), name
         for m in (out.subjects, out.background):
             assert m.dtype == torch.float32 and (m >= 0).all(), name
             torch.testing.assert_close(m.sum(dim=-1), torch.ones(m.shape[:-1]), msg=name)
-    for name, out in _both_methods(case, background=False).items():
+    for name, out in maps_by_method(case, background=False).items():
         assert out.background is None, name
 
 
 def test_half_precision_inputs_give_float32_maps():
     case = planted_case((8, 8), 2, seed=5)
     half = replace(case, **{name: getattr(case, name).to(torch.bfloat16) for name in _TENSORS})
-    for name, out in _both_methods(half).items():
+    for name, out in maps_by_method(half).items():
         assert out.subjects.dtype == torch.float32 and out.background.dtype == torch.float32, name
         torch.testing.assert_close(out.subjects.sum(dim=-1), torch.ones(1, 2), msg=name)
 
 
 def test_batch_rows_are_computed_independently():
     case = planted_case((8, 10), 3, batch=2, seed=6)
-    together = _both_methods(case)
+    together = maps_by_method(case)
     for row in range(2):
         single = replace(case, **{name: getattr(case, name)[row : row + 1] for name in _TENSORS})
-        for name, alone in _both_methods(single).items():
+        for name, alone in maps_by_method(single).items():
             torch.testing.assert_close(together[name].subjects[row : row + 1], alone.subjects, msg=name)
             torch.testing.assert_close(together[name].background[row : row + 1], alone.background, msg=name)

@@ -5,26 +5,8 @@ is known, so each method's maps must put it first. Formula-level tests are in te
 import pytest
 import torch
 
-from freefuse.maps import SimilarityMaps, official_similarity_maps, paper_similarity_maps
-from tests.core.planted import planted_case, planted_regions
-
-
-def _both_methods(case, background: bool = True) -> dict[str, SimilarityMaps]:
-    """Each method in each softmax direction on a planted case, by name."""
-    bg = case.background_positions if background else None
-    q, positions, grid = case.q_img, case.subject_positions, case.grid_hw
-    official = dict(logit_scale=case.logit_scale, temperature=case.temperature)
-    return {
-        "official/image": official_similarity_maps(q, case.k_txt, case.o_img, positions, bg, **official),
-        "official/text": official_similarity_maps(
-            q, case.k_txt, case.o_img, positions, bg, cross_softmax="text", **official
-        ),
-        "paper/text_to_image": paper_similarity_maps(q, case.k_img, positions, bg, grid_hw=grid, q_txt=case.q_txt),
-        "paper/image_to_text": paper_similarity_maps(
-            q, case.k_img, positions, bg, grid_hw=grid, k_txt=case.k_txt, cross_direction="image_to_text"
-        ),
-    }
-
+from freefuse.maps import paper_similarity_maps
+from tests.core.planted import maps_by_method, planted_case, planted_regions
 
 # --------------------------------------------------------------------------------------------------
 # Planted regions: the map of a region's own subject wins inside it
@@ -65,7 +47,7 @@ def test_planted_generator_gives_disjoint_regions_that_move_between_batch_rows()
 @pytest.mark.parametrize("n_subjects", [2, 3, 4])
 def test_planted_regions_are_won_by_their_own_subject(n_subjects, grid, shape):
     case = planted_case(grid, n_subjects, batch=2, shape=shape, seed=10 * n_subjects + grid[1])
-    for name, out in _both_methods(case).items():
+    for name, out in maps_by_method(case).items():
         assert min(_accuracy_per_row(out.subjects, case.regions)) >= MIN_ACCURACY, name
 
 
@@ -73,7 +55,7 @@ def test_planted_regions_are_won_by_their_own_subject(n_subjects, grid, shape):
 def test_planted_background_is_won_by_the_background_map(grid):
     case = planted_case(grid, 3, batch=2, shape="blob", seed=7)
     labels = case.labels.view(2, -1)  # subject index, 3 = background
-    for name, out in _both_methods(case).items():
+    for name, out in maps_by_method(case).items():
         winner = torch.cat([out.subjects, out.background[:, None]], dim=1).argmax(dim=1)
         assert (winner == labels).float().mean().item() >= MIN_ACCURACY, name
 
