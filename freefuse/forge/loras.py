@@ -56,6 +56,39 @@ def take_out(unet, filenames: list[str]) -> dict[str, list[tuple[tuple, dict]]]:
     return taken
 
 
+def put_back_kept(unet, original_order: list[tuple], keep: dict[tuple, dict]) -> None:
+    """Re-add the patches that stay merged where their LoRA stood: merge order matters for DoRA."""
+    current = dict(unet.lora_patches)
+    unet.lora_patches.clear()
+    for ident in original_order:
+        if ident in current:
+            unet.lora_patches[ident] = current[ident]
+        kept = (ident[0] + KEPT_SUFFIX, *ident[1:])
+        if kept in keep:
+            unet.lora_patches[kept] = keep[kept]
+
+
+def dora_merged_after_subjects(lora_patches: dict, original_order: list[tuple], subjects: list[str]) -> list[str]:
+    """Merged DoRA LoRAs that Forge would have merged on top of a subject LoRA FreeFuse now runs at runtime.
+
+    DoRA normalises by the weight it lands on, so their effect can differ slightly from a plain merge.
+    """
+    first_subject = min((i for i, ident in enumerate(original_order) if ident[0] in subjects), default=None)
+    if first_subject is None:
+        return []
+    later = {ident[0] for ident in original_order[first_subject + 1 :]}
+    found = []
+    for ident, patches in lora_patches.items():
+        name = ident[0].removesuffix(KEPT_SUFFIX)
+        if name in later and any(_is_dora(e[1]) for entries in patches.values() for e in entries):
+            found.append(name)
+    return found
+
+
+def _is_dora(v) -> bool:
+    return isinstance(v, tuple) and len(v) == 2 and v[0] in ("lora", "loha", "lokr") and v[1][-1] is not None
+
+
 def _runtime_factor(entry: PatchEntry, owner: int) -> LowRankFactor | ConvLowRankFactor | None:
     """A plain LoRA patch as a low-rank factor (Linear or LoCon conv); None when it needs the dense path."""
     strength, v, strength_model, offset, function = entry
@@ -83,7 +116,7 @@ def _dense_delta(entry: PatchEntry, owner: int, weight_shape: torch.Size, merge:
     kind = v[0] if isinstance(v, tuple) and len(v) == 2 else "diff"
     if kind in ("glora", "set"):
         return f"{kind} patches depend on the base weight"
-    if kind in ("lora", "loha", "lokr") and v[1][-1] is not None:
+    if _is_dora(v):
         return "DoRA patches depend on the base weight"
     if merge is None or len(weight_shape) != 2:
         return f"{kind} patch on a {len(weight_shape)}-D weight"

@@ -16,7 +16,7 @@ import torch
 from freefuse import call_weights as cw
 from freefuse.forge import hooks
 from freefuse.forge.families import detect_family
-from freefuse.forge.loras import RuntimeLoras, build_runtime_loras, take_out
+from freefuse.forge.loras import RuntimeLoras, build_runtime_loras, dora_merged_after_subjects, put_back_kept, take_out
 from freefuse.masks import Capture, balance_params, compute_masks, similarity_maps
 from freefuse.partition import SubjectMasks, partition_balanced, partition_superpixels
 from freefuse.schedule import euler_step, is_step_start, step_index
@@ -176,6 +176,7 @@ class Session:
         from backend.patcher.lora import merge_lora_to_weight
 
         filenames = [s.filename for s in self.plan.subjects]
+        original_order = list(clone.lora_patches)
         taken = take_out(clone, filenames)
         missing = [s.lora for s in self.plan.subjects if s.filename not in taken]
         if missing:
@@ -184,8 +185,14 @@ class Session:
         self.runtime, keep = build_runtime_loras(
             clone.model, taken, owners, self.family.layout_of, merge_lora_to_weight
         )
-        for ident, patches in keep.items():
-            clone.lora_patches[ident] = patches
+        put_back_kept(clone, original_order, keep)
+        dora = dora_merged_after_subjects(clone.lora_patches, original_order, filenames)
+        if dora:
+            names = ", ".join(sorted({name.rsplit("/", 1)[-1] for name in dora}))
+            self.messages.append(
+                f"DoRA LoRA {names} is merged on weights without the subject LoRAs, so its effect can differ "
+                "slightly from a plain merge"
+            )
         if self.runtime.left_merged:
             shown = "; ".join(self.runtime.left_merged[:3])
             more = len(self.runtime.left_merged) - 3

@@ -45,7 +45,10 @@ def t5_tokens(sd_model, prompt: str) -> PromptTokens:
     engine = sd_model.text_processing_engine_t5
     chunks, _ = engine.tokenize_line(prompt)
     ids = list(chunks[0].tokens)
-    content = ids[: ids.index(engine.id_end)] if engine.id_end in ids else ids
+    end = len(ids)
+    while end > 0 and ids[end - 1] == engine.id_pad:
+        end -= 1  # padding after the EOS that Forge appends
+    content = ids[: end - 1] if end and ids[end - 1] == engine.id_end else ids[:end]  # a literal "</s>" stays
     pieces = engine.tokenizer.convert_ids_to_tokens(content)
     return PromptTokens(pieces=list(pieces), n_txt=len(ids), eos_position=len(content))
 
