@@ -312,7 +312,8 @@ class Session:
         call = self.call
         call.capture = False
         self.arm_phase1_capture = False
-        bg = self._background_positions()
+        bg = self.plan.background_positions
+        log.info("FreeFuse: capturing masks at step %d (sigma %.4f)", call.step, self.capture_sigma or -1.0)
         try:
             if self.settings.mask_method == "paper":
                 self.pending_maps = (
@@ -354,9 +355,6 @@ class Session:
                 bg_scale=self.settings.bg_scale,
                 morphology=self.settings.morphology,
             )
-
-    def _background_positions(self) -> list[int] | None:
-        return self.plan.background_positions
 
     # ------------------------------------------------------------------ restart schedule
     def run_phase1(self, model, cond, x, timestep, model_options) -> None:
