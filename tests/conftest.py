@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# the shared behaviour and harness modules hold asserts too: show their values when they fail
+pytest.register_assert_rewrite("tests.forge_common")
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from freefuse import maps
@@ -201,9 +201,11 @@ def test_paper_map_is_the_mean_self_attention_row_of_the_salient_tokens():
 
 
 def _reference_official(q_img, k_txt, o_img, sets, n_subjects, scale, ratio, tau, over):
+    """The maps, and whether a core was ambiguous (a tie at the top-k boundary, e.g. saturated softmaxes)."""
     b_count, heads, n, _ = q_img.shape
     k = max(1, int(n * ratio))
     out = torch.zeros(b_count, len(sets), n)
+    ambiguous = False
     for b in range(b_count):
         s = []
         for pos in sets:
@@ -217,9 +219,11 @@ def _reference_official(q_img, k_txt, o_img, sets, n_subjects, scale, ratio, tau
         for i in range(len(sets)):
             others = sum(s[m] for m in range(n_subjects) if m != i)
             score = n_subjects * s[i] - others if i < n_subjects else s[i]  # no contrast for the background
+            ranked = score.sort(descending=True).values
+            ambiguous |= k < n and bool(ranked[k - 1] - ranked[k] < 1e-6)
             core = score.argsort(descending=True)[:k]
             out[b, i] = (gram[core].mean(dim=0) / tau).softmax(dim=0)
-    return out
+    return out, ambiguous
 
 
 def _reference_paper(q_img, k_img, q_txt, k_txt, sets, grid, direction, sink_ratio, border, sal_ratio):
@@ -232,6 +236,7 @@ def _reference_paper(q_img, k_img, q_txt, k_txt, sets, grid, direction, sink_rat
         for c in range(w_grid)
     ]
     out = torch.zeros(b_count, len(sets), n)
+    ambiguous = False
     for b in range(b_count):
         for i, pos in enumerate(sets):
             m = torch.zeros(n)
@@ -248,11 +253,13 @@ def _reference_paper(q_img, k_img, q_txt, k_txt, sets, grid, direction, sink_rat
                         if edge[j] and row[j] >= threshold:
                             row[j] = 0.0
                     m += row / row.sum()
+            ranked = (m / (heads * len(pos))).sort(descending=True).values
+            ambiguous |= k_sal < n and bool(ranked[k_sal - 1] - ranked[k_sal] < 1e-6)
             salient = (m / (heads * len(pos))).argsort(descending=True)[:k_sal]
             for h in range(heads):
                 self_attn = (q_img[b, h] @ k_img[b, h].T / math.sqrt(d)).softmax(dim=1)  # [N, N]
                 out[b, i] += self_attn[salient].mean(dim=0) / heads
-    return out
+    return out, ambiguous
 
 
 @st.composite
@@ -283,9 +290,10 @@ def _stack(out: SimilarityMaps) -> torch.Tensor:
 @given(layer=_layer(), over=st.sampled_from(["image", "text"]), ratio=st.sampled_from([0.05, 0.2, 0.5]))
 def test_official_maps_match_the_naive_reference(layer, over, ratio):
     sets = layer["sets"] + ([layer["bg"]] if layer["bg"] is not None else [])
-    expected = _reference_official(
+    expected, ambiguous = _reference_official(
         layer["q_img"], layer["k_txt"], layer["o_img"], sets, len(layer["sets"]), 0.7, ratio, 3.0, over
     )
+    assume(not ambiguous)  # tied scores at the core boundary: any choice among them is right
     out = official_similarity_maps(
         layer["q_img"],
         layer["k_txt"],
@@ -309,7 +317,7 @@ def test_official_maps_match_the_naive_reference(layer, over, ratio):
 )
 def test_paper_maps_match_the_naive_reference(layer, direction, sink, salient):
     sets = layer["sets"] + ([layer["bg"]] if layer["bg"] is not None else [])
-    expected = _reference_paper(
+    expected, ambiguous = _reference_paper(
         layer["q_img"],
         layer["k_img"],
         layer["q_txt"],
@@ -321,6 +329,7 @@ def test_paper_maps_match_the_naive_reference(layer, direction, sink, salient):
         sink[1],
         salient,
     )
+    assume(not ambiguous)  # tied scores at the salient-set boundary: any choice among them is right
     out = paper_similarity_maps(
         layer["q_img"],
         layer["k_img"],

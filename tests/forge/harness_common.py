@@ -1,26 +1,14 @@
-"""Glue shared by the FLUX and SDXL parts of the real-Forge harness.
-
-Seeded random weights, a Forge model built and loaded the way backend/loader.py does it, the stacked
-prompt conds that `sampling_function` reads, and Forge's "Simple" sigma schedule.
-"""
+"""Glue shared by the FLUX and SDXL parts of the real-Forge harness: a Forge model built and loaded the
+way backend/loader.py does it (weights from tests/forge_common/harness_conventions.py), and the stacked
+prompt conds that `sampling_function` reads."""
 
 from __future__ import annotations
 
-import contextlib
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-
-@dataclass
-class LoraFile:
-    """A LoRA 'on disk': Forge keys its patches by `filename`; `state_dict` is what the file holds."""
-
-    filename: str
-    name: str
-    state_dict: dict[str, torch.Tensor]
+from tests.forge_common.harness_conventions import random_weights
 
 
 class PromptConds(dict):
@@ -38,45 +26,11 @@ class PromptConds(dict):
         return PromptConds({k: v[rows] for k, v in self.items() if isinstance(v, torch.Tensor)})
 
 
-@contextlib.contextmanager
-def one_thread():
-    """One intra-op thread: on tensors this small, thread hand-offs cost ~10x the maths."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-def weight_std(fan_in: int) -> float:
-    """Std of a random weight with `fan_in` inputs (in_features, or in_channels * kernel area)."""
-    return min(0.1, max(0.02, 0.5 / math.sqrt(fan_in)))
-
-
 def parameter_shapes(make_model: Callable[[], torch.nn.Module]) -> dict[str, torch.Size]:
     """Names and shapes of every parameter, in state-dict order, from a meta build with plain torch
     layers (they have the same parameters as Forge's operations)."""
     with torch.device("meta"):
         return {k: v.shape for k, v in make_model().state_dict().items()}
-
-
-def random_weights(shapes: dict[str, torch.Size], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """Seeded normal weights, drawn in `shapes` order from one generator: norm scales (RMSNorm `.scale`,
-    GroupNorm/LayerNorm 1-D `.weight`) 1 + N(0, 0.1^2), biases N(0, 0.02^2), Linear/Conv weights
-    N(0, weight_std(fan_in)^2) with fan_in = prod(shape[1:])."""
-    gen = torch.Generator().manual_seed(seed)
-    weights = {}
-    for key, shape in shapes.items():
-        noise = torch.randn(shape, generator=gen)
-        if key.endswith(".scale") or (key.endswith(".weight") and len(shape) == 1):
-            value = 1.0 + 0.1 * noise
-        elif key.endswith(".bias"):
-            value = 0.02 * noise
-        else:
-            value = weight_std(math.prod(shape[1:])) * noise
-        weights[key] = value.to(dtype)
-    return weights
 
 
 def build_like_loader(forge, make_model: Callable[[], torch.nn.Module], config: dict, seed: int, dtype: torch.dtype):
@@ -108,26 +62,3 @@ def build_like_loader(forge, make_model: Callable[[], torch.nn.Module], config: 
     dm.initial_device = initial_device
     dm.offload_device = offload_device
     return dm
-
-
-def random_lora_factors(
-    weight_shape: torch.Size, rank: int, scale: float, gen: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(down, up) for one layer, down first from `gen`. Linear [out, in]: down [r, in] ~ N(0, scale^2/in),
-    up [out, r] ~ N(0, scale^2/r). Conv [out, in, kh, kw] (LoCon): down [r, in, kh, kw] with
-    fan_in in*kh*kw, up [out, r, 1, 1]."""
-    n_out, n_in, *kernel = weight_shape
-    fan_in = n_in * math.prod(kernel)
-    down = torch.randn(rank, n_in, *kernel, generator=gen) * (scale / math.sqrt(fan_in))
-    up = torch.randn(n_out, rank, *[1] * len(kernel), generator=gen) * (scale / math.sqrt(rank))
-    return down, up
-
-
-def simple_sigmas(predictor, steps: int) -> torch.Tensor:
-    """Forge's "Simple" schedule (the FLUX and SDXL preset default): `steps` evenly spaced entries of the
-    predictor's ascending sigma table, from the top, then 0. For PredictionFlux that is
-    time_shift(mu, 1 - i/steps) when steps divides the table length (10000)."""
-    table = predictor.sigmas  # [n], ascending (10000 for FLUX, 1000 for the EPS Prediction)
-    n = len(table)
-    picked = [float(table[n - 1 - (i * n) // steps]) for i in range(steps)]
-    return torch.tensor([*picked, 0.0], dtype=torch.float32)
