@@ -255,10 +255,10 @@ class IntegratedFluxTransformer2DModel(nn.Module):
         self.in_channels = in_channels * 4  # latent channels x 2 x 2 patch
         self.out_channels = self.in_channels
         if hidden_size % num_heads != 0:
-            raise ValueError(f"Hidden size {hidden_size} must be divisible by num_heads {num_heads}")
+            raise ValueError(f"stand-in FLUX: hidden size {hidden_size} is not a multiple of {num_heads} heads")
         pe_dim = hidden_size // num_heads
         if sum(axes_dim) != pe_dim:
-            raise ValueError(f"Got {axes_dim} but expected positional dim {pe_dim}")
+            raise ValueError(f"stand-in FLUX: axes_dim {axes_dim} must sum to the head dim {pe_dim}")
         self.hidden_size = hidden_size
         self.num_heads = num_heads
         self.pe_embedder = EmbedND(dim=pe_dim, theta=theta, axes_dim=axes_dim)
@@ -277,12 +277,12 @@ class IntegratedFluxTransformer2DModel(nn.Module):
 
     def inner_forward(self, img, img_ids, txt, txt_ids, timesteps, y, guidance=None):
         if img.ndim != 3 or txt.ndim != 3:
-            raise ValueError("Input img and txt tensors must have 3 dimensions.")
+            raise ValueError("stand-in FLUX: img and txt must be [B, L, C]")
         img = self.img_in(img)
         vec = self.time_in(timestep_embedding(timesteps, 256).to(img.dtype))
         if self.guidance_embed:
             if guidance is None:
-                raise ValueError("Didn't get guidance strength for guidance distilled model.")
+                raise ValueError("stand-in FLUX: a guidance-embedding model needs a guidance value")
             vec = vec + self.guidance_in(timestep_embedding(guidance, 256).to(img.dtype))
         vec = vec + self.vector_in(y)
         txt = self.txt_in(txt)

@@ -104,7 +104,7 @@ class IntegratedUNet2DConditionModel(nn.Module):
                 )
             )
         elif num_classes is not None:
-            raise ValueError("Bad ADM")
+            raise ValueError("stand-in unet: unsupported adm / num_classes setting")
 
         def res_block(channels, out, **kwargs):
             return ResBlock(
