@@ -82,6 +82,25 @@ def _fallback_piece(covered: list[int], pieces: Sequence[str]) -> int:
     return covered[0]
 
 
+def _word_edges(pieces: Sequence[str]) -> tuple[list[bool], list[bool]]:
+    """Per piece: does a word start at it, does a word end at it.
+
+    A word starts at a piece marked "\u2581"/"\u0120" (SentencePiece, GPT) or after a bare "\u2581", and after a
+    CLIP piece ending in "</w>"; punctuation and "_" pieces separate words ("harry" is a word of "harry_potter").
+    """
+    keys = [clean_piece(p) for p in pieces]
+    separator = [bool(k) and (_is_punctuation(k) or set(k) == {"_"}) for k in keys]
+    marked = [p.startswith(("\u2581", "\u0120")) for p in pieces]  # a word starts here (maybe a bare marker)
+    closes = [p.endswith("</w>") for p in pieces]  # a word ends here
+    n = len(pieces)
+    starts = [
+        i == 0 or marked[i] or separator[i] or marked[i - 1] and not keys[i - 1] or closes[i - 1] or separator[i - 1]
+        for i in range(n)
+    ]
+    ends = [i == n - 1 or closes[i] or separator[i] or marked[i + 1] or separator[i + 1] for i in range(n)]
+    return starts, ends
+
+
 def locate_phrase(
     pieces: Sequence[str],
     phrase: str,
@@ -95,7 +114,8 @@ def locate_phrase(
     ``pieces``: the prompt's content tokens in order (no BOS/EOS/padding). ``sequence_positions[i]``: where
     piece i sits in the model's text sequence (default i, as for T5 in FLUX, which has no BOS).
     Matching is case- and whitespace-insensitive on the concatenated cleaned piece text; an occurrence must
-    start at the start of a piece and end at the end of a piece. Each occurrence's covered pieces are then
+    start where a word starts and end where a word ends (``man`` does not match ``snowman`` or ``woman``;
+    ``_`` and punctuation separate words). Each occurrence's covered pieces are then
     filtered (empty, single-character, stopword, punctuation); an occurrence that would lose every piece
     keeps its first piece with non-punctuation text (else its first piece).
     """
@@ -115,8 +135,9 @@ def locate_phrase(
         starts.append(offset)
         offset += len(key)
     text = "".join(keys)
-    piece_starts = {starts[i] for i, key in enumerate(keys) if key}
-    piece_ends = {starts[i] + len(key) for i, key in enumerate(keys) if key}
+    word_start, word_end = _word_edges(pieces)
+    piece_starts = {starts[i] for i, key in enumerate(keys) if key and word_start[i]}
+    piece_ends = {starts[i] + len(key) for i, key in enumerate(keys) if key and word_end[i]}
 
     matched: set[int] = set()
     kept: set[int] = set()

@@ -233,3 +233,28 @@ def test_whole_word_matches_agree_with_word_count(words, target):
     assert match.matched_positions == tuple(i for i, w in enumerate(words) if w == target)
     if match.found:
         assert match.positions  # a found phrase always keeps at least one position
+
+
+# ---------------------------------------------------------------------- whole words only
+def test_a_phrase_must_cover_whole_words_not_the_tail_or_head_of_one():
+    t5 = ["▁a", "▁snow", "man", "▁next", "▁to", "▁a", "▁police", "man", "▁and", "▁a", "▁man"]
+    assert locate_phrase(t5, "man").positions == (10,)
+    clip = ["oh", "w", "x", "man</w>", "and</w>", "a</w>", "man</w>", "cat</w>"]
+    assert locate_phrase(clip, "man").positions == (6,)
+    assert locate_phrase(clip, "ohwxman").found
+    assert not locate_phrase(["▁pot", "ter"], "pot").found
+
+
+def test_underscores_and_punctuation_separate_words():
+    t5 = ["▁harry", "_", "pot", "ter", ",", "▁da", "i", "y", "u"]
+    assert locate_phrase(t5, "harry").positions == (0,)
+    assert locate_phrase(t5, "potter").positions == (2, 3)
+    clip = ["harry</w>", "_</w>", "potter</w>", ",</w>", "daiyu</w>"]
+    assert locate_phrase(clip, "potter").positions == (2,)
+    assert locate_phrase(clip, "harry_potter").positions == (0, 2)
+
+
+def test_a_word_spelled_out_after_a_bare_sentencepiece_marker_starts_a_word():
+    pieces = ["▁a", "▁", "o", "h", "w", "x", "▁man"]
+    assert locate_phrase(pieces, "ohwx man").occurrences == 1
+    assert not locate_phrase(pieces, "hwx").found
