@@ -74,7 +74,6 @@ def run(harness, unet, loras, *, family: str, freefuse: str | None, steps: int, 
             None,
             n_txt,
             sigmas,
-            x.shape[0],
             masks=masks,
         )
         session = Session(plan)

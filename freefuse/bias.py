@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from freefuse.call_weights import repeat_positions
+
 
 def token_owner(subject_positions: Sequence[Sequence[int]], n_txt: int) -> Tensor:
     """Owner subject of every text position: ``[T]`` long, -1 where no subject claims it."""
@@ -101,6 +103,35 @@ def cross_attention_bias(
     masks = _check_masks(masks, subject_positions)  # [B, C, N_img]
     own = _own_tokens(subject_positions, n_txt, masks.device)  # [C, T]
     return _image_to_text(masks, own, neg_scale=neg_scale, pos_scale=pos_scale, positive=positive)
+
+
+def call_attention_bias(
+    layout: str,
+    masks: Tensor,
+    subject_positions: Sequence[Sequence[int]],
+    n_txt_cond: int,
+    n_txt: int,
+    cond_or_uncond: Sequence[int],
+    *,
+    neg_scale: float,
+    pos_scale: float,
+    positive: bool = True,
+    bidirectional: bool = True,
+) -> Tensor:
+    """The bias of one model call: ``layout`` "joint" ([rows, T+N, T+N], FLUX) or "cross" ([rows, N, T], UNet).
+
+    ``masks`` [B, C, N_img]; positions are in the cond prompt of ``n_txt_cond`` tokens, repeated the way Forge
+    repeats a shorter cond up to the call's ``n_txt``; uncond chunks get no bias.
+    """
+    positions = [repeat_positions(p, n_txt_cond, n_txt) for p in subject_positions]
+    scales = {"neg_scale": neg_scale, "pos_scale": pos_scale, "positive": positive}
+    if layout == "joint":
+        per_image = joint_attention_bias(masks, positions, n_txt, bidirectional=bidirectional, **scales)
+    elif layout == "cross":
+        per_image = cross_attention_bias(masks, positions, n_txt, **scales)
+    else:
+        raise ValueError(f"bias layout must be 'joint' or 'cross', got {layout!r}")
+    return bias_for_call(per_image, cond_or_uncond)
 
 
 def bias_for_call(bias: Tensor, cond_or_uncond: Sequence[int]) -> Tensor:

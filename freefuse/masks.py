@@ -14,6 +14,7 @@ import torch
 from freefuse.maps import SimilarityMaps, official_similarity_maps, paper_similarity_maps
 from freefuse.partition import BalanceParams, SubjectMasks, partition_balanced, partition_superpixels
 from freefuse.settings import FreeFuseSettings
+from freefuse.superpixels import default_n_segments, latent_to_rgb
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,44 @@ def balance_params(settings: FreeFuseSettings, traits: FamilyTraits) -> BalanceP
     )
 
 
+def partition_maps(
+    maps: SimilarityMaps,
+    grid_hw: tuple[int, int],
+    settings: FreeFuseSettings,
+    traits: FamilyTraits,
+    image: torch.Tensor | None = None,
+    n_segments: int | None = None,
+) -> SubjectMasks:
+    """Similarity maps -> masks: superpixel voting for the paper method when a picture is given
+    (``image`` [B, 3, H, W] in [0, 1]; ``n_segments`` default for it), else the balanced argmax."""
+    if settings.mask_method == "paper" and image is not None:
+        return partition_superpixels(
+            maps.subjects,
+            maps.background,
+            grid_hw,
+            image,
+            n_segments=settings.slic_segments or n_segments,
+            compactness=settings.slic_compactness,
+            bg_scale=settings.bg_scale,
+        )
+    return partition_balanced(
+        maps.subjects,
+        maps.background,
+        grid_hw,
+        params=balance_params(settings, traits),
+        bg_scale=settings.bg_scale,
+        morphology=settings.morphology,
+    )
+
+
+def x0_picture(x0_latent: torch.Tensor, latent_scale: int = 8) -> tuple[torch.Tensor, int]:
+    """A predicted-x0 latent [B, C, h, w] as a SLIC picture [B, 3, h, w], and the paper's superpixel count
+    for the image it decodes to (round(sqrt(pixel area)), the latent being 1/``latent_scale`` of the pixels)."""
+    picture = latent_to_rgb(x0_latent.float().cpu())
+    h, w = picture.shape[-2:]
+    return picture, default_n_segments(latent_scale * h, latent_scale * w)
+
+
 def compute_masks(
     capture: Capture,
     subject_positions: list[list[int]],
@@ -117,21 +156,4 @@ def compute_masks(
     without it the paper maps are partitioned by the balanced argmax instead.
     """
     maps = similarity_maps(capture, subject_positions, background_positions, settings, traits)
-    if settings.mask_method == "paper" and image is not None:
-        return partition_superpixels(
-            maps.subjects,
-            maps.background,
-            capture.grid_hw,
-            image,
-            n_segments=settings.slic_segments or None,
-            compactness=settings.slic_compactness,
-            bg_scale=settings.bg_scale,
-        )
-    return partition_balanced(
-        maps.subjects,
-        maps.background,
-        capture.grid_hw,
-        params=balance_params(settings, traits),
-        bg_scale=settings.bg_scale,
-        morphology=settings.morphology,
-    )
+    return partition_maps(maps, capture.grid_hw, settings, traits, image)

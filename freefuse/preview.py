@@ -43,6 +43,12 @@ def _as_masks(masks: Tensor) -> Tensor:
     return masks.clamp(0.0, 1.0)
 
 
+def tensor_to_image(image: Tensor) -> Image.Image:
+    """A decoded image [3, H, W] in [0, 1] (Forge's postprocess_batch layout) as an RGB PIL image."""
+    array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    return Image.fromarray(array)
+
+
 def mask_overlay(
     masks: Tensor,
     size_hw: tuple[int, int],

@@ -13,7 +13,8 @@ import re
 import torch
 
 from freefuse import call_weights as cw
-from freefuse.bias import bias_blocks, bias_for_call, joint_attention_bias
+from freefuse.bias import bias_blocks
+from freefuse.forge import hooks
 from freefuse.masks import FLUX, Capture
 
 _IMAGE = re.compile(r"^(double_blocks\.\d+\.(img_attn\.(qkv|proj)|img_mlp\.[02])|img_in|final_layer\.linear)$")
@@ -55,8 +56,8 @@ class FluxFamily:
         # Forge's FLUX class only: Chroma has the same blocks but binds `attention` by name, out of reach
         return type(diffusion_model).__name__ == "IntegratedFluxTransformer2DModel"
 
-    def check(self, settings, diffusion_model) -> str | None:
-        """A user-facing reason these settings cannot run on this model, or None."""
+    def prepare(self, settings, diffusion_model) -> str | None:
+        """Read the block layout for these settings; a user-facing reason they cannot run here, or None."""
         n_double = len(diffusion_model.double_blocks)
         if settings.capture_block >= n_double:
             return (
@@ -70,7 +71,9 @@ class FluxFamily:
     def install(self, session, diffusion_model) -> None:
         import backend.nn.flux as flux_module
 
-        session.add_handle(diffusion_model.register_forward_pre_hook(_call_hook(session), with_kwargs=True))
+        session.add_handle(
+            diffusion_model.register_forward_pre_hook(hooks.call_hook(session, token_grid), with_kwargs=True)
+        )
         blocks = [("double", i, b) for i, b in enumerate(diffusion_model.double_blocks)]
         blocks += [("single", i, b) for i, b in enumerate(diffusion_model.single_blocks)]
         for kind, index, block in blocks:
@@ -84,23 +87,7 @@ class FluxFamily:
         kind, index = session.current_block or ("", -1)
         if index not in (self._bias_double if kind == "double" else self._bias_single):
             return None
-        call, settings = session.call, session.settings
-
-        def build():
-            n_txt = call.shape.n_txt
-            positions = [cw.repeat_positions(p, session.plan.n_txt_cond, n_txt) for p in session.positions]
-            per_image = joint_attention_bias(
-                session.masks_at(call.grid_hw).masks.flatten(2),
-                positions,
-                n_txt,
-                neg_scale=settings.bias_scale,
-                pos_scale=settings.bias_positive_scale,
-                positive=settings.bias_positive,
-                bidirectional=settings.bias_bidirectional,
-            )
-            return bias_for_call(per_image, call.shape.cond_or_uncond).to(like.device, like.dtype)
-
-        return session.cached(("bias", call.shape, like.dtype, like.device), build)
+        return session.layout_bias("joint", session.call.grid_hw, like)
 
 
 def biased_attention(apply_rope, q, k, v, pe, bias: torch.Tensor) -> torch.Tensor:
@@ -116,17 +103,6 @@ def biased_attention(apply_rope, q, k, v, pe, bias: torch.Tensor) -> torch.Tenso
 
 
 # ---------------------------------------------------------------------- hooks (closures over the session)
-def _call_hook(session):
-    def hook(module, args, kwargs):
-        if session.live():
-            x = args[0] if args else kwargs["x"]
-            context = kwargs.get("context", args[2] if len(args) > 2 else None)
-            session.begin_call(x.shape[0], kwargs.get("transformer_options") or {}, context.shape[1], token_grid(x))
-        return None
-
-    return hook
-
-
 def _block_hook(session, kind: str, index: int):
     def hook(module, args):
         if session.live():

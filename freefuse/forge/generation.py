@@ -14,7 +14,7 @@ from freefuse.forge import session as sessions
 from freefuse.forge import subjects as forge_subjects
 from freefuse.forge.families import family_name
 from freefuse.forge.session import Plan, Session, SubjectSpec
-from freefuse.preview import mask_overlay
+from freefuse.preview import mask_overlay, tensor_to_image
 from freefuse.settings import INFOTEXT_KEY, FreeFuseSettings
 
 log = logging.getLogger("freefuse")
@@ -26,9 +26,7 @@ class Generation:
         self.settings = settings
         self.family = family
         self.session: Session | None = None
-        self.subject_names: list[str] = []
         self.summaries: dict[int, str] = {}  # image index in the job -> "harry: harry_potter 41%, ..."
-        self.messages: list[str] = []
         self._said: set[str] = set()
 
     # ------------------------------------------------------------------ messages
@@ -38,8 +36,6 @@ class Generation:
         if text in self._said:
             return
         self._said.add(text)
-        self.messages.append(text)
-        log.warning(text)
         print(text)
         if hasattr(p, "comment"):
             p.comment(text)
@@ -101,7 +97,7 @@ class Generation:
                     ]
                     self.summaries[batch_number * p.batch_size + i] = ", ".join(parts)
                 if self.settings.show_masks:
-                    self._add_pictures(p, images, masks)
+                    self._add_pictures(p, images, masks, [s.lora for s in session.plan.subjects])
         finally:
             sessions.close_active()
             self.session = None
@@ -157,7 +153,6 @@ class Generation:
         background = forge_subjects.background_positions(self.settings, tokens, bg_notes := [])
         for note in bg_notes:
             self.say(p, note)
-        self.subject_names = [s.lora for s in plan.subjects]
         sigmas = p.sampler.get_sigmas(p, p.steps)
         return Plan(
             settings=self.settings,
@@ -165,21 +160,20 @@ class Generation:
             background_positions=background,
             n_txt_cond=tokens.n_txt,
             sigmas=sigmas.detach().float().cpu(),
-            images=p.batch_size,
             masks=reuse,
         )
 
-    def _add_pictures(self, p, images: torch.Tensor, masks) -> None:
+    def _add_pictures(self, p, images: torch.Tensor, masks, labels: list[str]) -> None:
         height, width = images.shape[-2:]
         for i in range(masks.masks.shape[0]):
-            image = _to_pil(images[i]) if i < images.shape[0] else None
+            image = tensor_to_image(images[i]) if i < images.shape[0] else None
             p.extra_result_images.append(
                 mask_overlay(
                     masks.masks[i],
                     (height, width),
                     image=image,
                     background=masks.background[i],
-                    labels=self.subject_names,
+                    labels=labels,
                 )
             )
 
@@ -192,10 +186,3 @@ def _tagged_prompt(p, hires: bool) -> str | None:
         if prompts and index < len(prompts) and isinstance(prompts[index], str):
             return prompts[index]
     return p.prompt if isinstance(getattr(p, "prompt", None), str) else None
-
-
-def _to_pil(image: torch.Tensor):
-    from PIL import Image
-
-    array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array)

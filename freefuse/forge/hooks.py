@@ -9,6 +9,22 @@ from __future__ import annotations
 from freefuse import call_weights as cw
 
 
+def call_hook(session, grid_of):
+    """Forward pre-hook (with kwargs) on the denoiser: tells the session a model call starts.
+
+    Forge's KModel calls ``diffusion_model(x, t, context=..., transformer_options=..., ...)``.
+    """
+
+    def hook(module, args, kwargs):
+        if session.live():
+            x = args[0] if args else kwargs["x"]
+            context = kwargs.get("context", args[2] if len(args) > 2 else None)
+            session.begin_call(x.shape[0], kwargs.get("transformer_options") or {}, context.shape[1], grid_of(x))
+        return None
+
+    return hook
+
+
 def lora_hook(session, layer):
     cache: dict = {}
 
@@ -45,10 +61,3 @@ def x0_function(session):
         return args["denoised"]
 
     return post_cfg
-
-
-def resolve(model, module_path: str):
-    obj = model
-    for name in module_path.split("."):
-        obj = getattr(obj, name)
-    return obj

@@ -139,46 +139,32 @@ def build_runtime_loras(
     ``merge`` is Forge's ``merge_lora_to_weight`` (for the dense path). Returns the runtime deltas and the
     patches that must stay merged (re-added under new identifiers by the caller).
     """
-    per_module: dict[str, tuple[list[LowRankFactor], list[DenseDelta]]] = {}
+    per_module: dict[str, tuple[list, list[DenseDelta]]] = {}
     keep: dict[tuple, dict] = {}
     result = RuntimeLoras()
     dense_bytes = 0
     for filename, idents in taken.items():
-        owner = owners[filename]
         for ident, patches in idents:
             for param_key, entries in patches.items():
                 module_path, _, param = param_key.rpartition(".")
                 inner = module_path.removeprefix("diffusion_model.")
                 layout = layout_of(inner) if param == "weight" else None
-                target = _resolve(model, module_path)
+                target = resolve_module(model, module_path)
                 for entry in entries:
-                    reason = None
-                    if layout is None or target is None:
-                        reason = f"{param} of a layer FreeFuse does not mask"
+                    routed = _route(entry, owners[filename], layout, target, merge, dense_bytes)
+                    if isinstance(routed, str):  # stays merged, under a new identifier, with the reason
+                        kept_ident = (ident[0] + KEPT_SUFFIX, *ident[1:])
+                        keep.setdefault(kept_ident, {}).setdefault(param_key, []).append(entry)
+                        result.left_merged.append(f"{filename}: {inner}.{param} ({routed})")
+                        continue
+                    factors, dense = per_module.setdefault(module_path, ([], []))
+                    if isinstance(routed, DenseDelta):
+                        dense.append(routed)
+                        dense_bytes += routed.weight.numel() * 4
                     else:
-                        factor = _runtime_factor(entry, owner)
-                        fits = factor is not None and _fits(factor, target)
-                        if fits and (layout == "conv") == isinstance(factor, ConvLowRankFactor):
-                            per_module.setdefault(module_path, ([], []))[0].append(factor)
-                            continue
-                        if factor is not None and not fits:
-                            dense = "its input width differs from the layer's"
-                        elif layout == "conv":
-                            dense = "this conv patch kind is not applied at runtime"
-                        elif dense_bytes > DENSE_BUDGET_BYTES:
-                            dense = "dense runtime deltas would exceed 1 GiB"
-                        else:
-                            dense = _dense_delta(entry, owner, _weight_shape(target), merge)
-                        if isinstance(dense, DenseDelta):
-                            dense_bytes += dense.weight.numel() * 4
-                            per_module.setdefault(module_path, ([], []))[1].append(dense)
-                            continue
-                        reason = dense
-                    kept_ident = (ident[0] + KEPT_SUFFIX, *ident[1:])
-                    keep.setdefault(kept_ident, {}).setdefault(param_key, []).append(entry)
-                    result.left_merged.append(f"{filename}: {inner}.{param} ({reason})")
+                        factors.append(routed)
     for module_path, (factors, dense) in per_module.items():
-        target = _resolve(model, module_path)
+        target = resolve_module(model, module_path)
         layout = layout_of(module_path.removeprefix("diffusion_model."))
         if layout == "conv":
             delta = MaskedConvDelta(factors, stride=target.stride, padding=target.padding, dilation=target.dilation)
@@ -190,13 +176,31 @@ def build_runtime_loras(
     return result, keep
 
 
-def _resolve(model, module_path: str):
-    obj = model
+def resolve_module(root, module_path: str):
+    """The submodule at a dotted path ("diffusion_model.output_blocks.0.1"), or None when there is none."""
+    obj = root
     for name in module_path.split("."):
-        obj = getattr(obj, name, None)
+        obj = getattr(obj, name, None)  # nn.Sequential / ModuleList children answer to "0", "1", ...
         if obj is None:
             return None
     return obj
+
+
+def _route(entry: PatchEntry, owner: int, layout: str | None, target, merge, dense_bytes: int):
+    """How one patch entry runs: a low-rank factor, a dense delta, or (a str) why it stays merged."""
+    if layout is None or target is None:
+        return "a layer FreeFuse does not mask"
+    factor = _runtime_factor(entry, owner)
+    if factor is not None:
+        if not _fits(factor, target):
+            return "its input width differs from the layer's"
+        if (layout == "conv") == isinstance(factor, ConvLowRankFactor):
+            return factor
+    if layout == "conv":
+        return "this conv patch kind is not applied at runtime"
+    if dense_bytes > DENSE_BUDGET_BYTES:
+        return "dense runtime deltas would exceed 1 GiB"
+    return _dense_delta(entry, owner, _weight_shape(target), merge)
 
 
 def _weight_shape(module) -> torch.Size:

@@ -15,7 +15,8 @@ import re
 import torch
 
 from freefuse import call_weights as cw
-from freefuse.bias import bias_for_call, cross_attention_bias
+from freefuse.forge import hooks
+from freefuse.forge.loras import resolve_module
 from freefuse.masks import SDXL, Capture
 
 _T = r"(input_blocks\.\d+\.1|middle_block\.1|output_blocks\.\d+\.1)"
@@ -43,6 +44,11 @@ def layout_of(module_path: str) -> str | None:
     return None
 
 
+def latent_grid(latent: torch.Tensor) -> tuple[int, int]:
+    """A UNet call's own grid is the latent's; each level's grid comes from its SpatialTransformer."""
+    return tuple(latent.shape[-2:])
+
+
 def transformer_blocks(diffusion_model) -> list[tuple[str, torch.nn.Module]]:
     """Every SpatialTransformer of the UNet with its path, e.g. ("output_blocks.0.1", module)."""
     return [
@@ -66,8 +72,9 @@ class SdxlFamily:
             diffusion_model, "label_emb"
         )
 
-    def check(self, settings, diffusion_model) -> str | None:
-        capture = _module(diffusion_model, "output_blocks.0.1")
+    def prepare(self, settings, diffusion_model) -> str | None:
+        """Read the capture transformer and the bias choice; a user-facing reason they cannot run here, or None."""
+        capture = resolve_module(diffusion_model, "output_blocks.0.1")
         blocks = getattr(capture, "transformer_blocks", None)
         if blocks is None:
             return "this UNet has no transformer at output_blocks.0 (not an SDXL layout)"
@@ -84,7 +91,9 @@ class SdxlFamily:
     def install(self, session, diffusion_model) -> None:
         import backend.nn.unet as unet_module
 
-        session.add_handle(diffusion_model.register_forward_pre_hook(_call_hook(session), with_kwargs=True))
+        session.add_handle(
+            diffusion_model.register_forward_pre_hook(hooks.call_hook(session, latent_grid), with_kwargs=True)
+        )
         for _, transformer in transformer_blocks(diffusion_model):
             session.add_handle(transformer.register_forward_pre_hook(_level_hook(session)))
             for block in transformer.transformer_blocks:
@@ -100,37 +109,7 @@ class SdxlFamily:
         """[rows, N_level, T] image->text bias at this transformer's grid, or None."""
         if not self._bias_on or grid is None:
             return None
-        call, settings = session.call, session.settings
-
-        def build():
-            n_txt = call.shape.n_txt
-            positions = [cw.repeat_positions(p, session.plan.n_txt_cond, n_txt) for p in session.positions]
-            per_image = cross_attention_bias(
-                session.masks_at(grid).masks.flatten(2),
-                positions,
-                n_txt,
-                neg_scale=settings.bias_scale,
-                pos_scale=settings.bias_positive_scale,
-                positive=settings.bias_positive,
-            )
-            return bias_for_call(per_image, call.shape.cond_or_uncond).to(like.device, like.dtype)
-
-        return session.cached(("cross bias", call.shape, tuple(grid), like.dtype, like.device), build)
-
-
-def _module(root, path: str):
-    for name in path.split("."):
-        root = getattr(root, name, None) if not name.isdigit() else _index(root, int(name))
-        if root is None:
-            return None
-    return root
-
-
-def _index(module, i: int):
-    try:
-        return module[i]
-    except (IndexError, TypeError, KeyError):
-        return None
+        return session.layout_bias("cross", grid, like)
 
 
 def biased_cross_attention(q, k, v, heads: int, bias: torch.Tensor) -> torch.Tensor:
@@ -147,20 +126,6 @@ def biased_cross_attention(q, k, v, heads: int, bias: torch.Tensor) -> torch.Ten
 
 
 # ---------------------------------------------------------------------- hooks (closures over the session)
-def _call_hook(session):
-    def hook(module, args, kwargs):
-        if session.live():
-            x = args[0] if args else kwargs["x"]
-            context = kwargs.get("context", args[2] if len(args) > 2 else None)
-            session.level_grid = None
-            session.begin_call(
-                x.shape[0], kwargs.get("transformer_options") or {}, context.shape[1], tuple(x.shape[-2:])
-            )
-        return None
-
-    return hook
-
-
 def _level_hook(session):
     def hook(module, args):
         if session.live():

@@ -14,14 +14,21 @@ from dataclasses import dataclass
 import torch
 
 from freefuse import call_weights as cw
+from freefuse.bias import call_attention_bias
 from freefuse.forge import hooks
 from freefuse.forge.families import detect_family
-from freefuse.forge.loras import RuntimeLoras, build_runtime_loras, dora_merged_after_subjects, put_back_kept, take_out
-from freefuse.masks import Capture, balance_params, compute_masks, similarity_maps
-from freefuse.partition import SubjectMasks, partition_balanced, partition_superpixels
+from freefuse.forge.loras import (
+    RuntimeLoras,
+    build_runtime_loras,
+    dora_merged_after_subjects,
+    put_back_kept,
+    resolve_module,
+    take_out,
+)
+from freefuse.masks import Capture, compute_masks, partition_maps, similarity_maps, x0_picture
+from freefuse.partition import SubjectMasks
 from freefuse.schedule import euler_step, is_step_start, step_index
 from freefuse.settings import FreeFuseSettings
-from freefuse.superpixels import default_n_segments, latent_to_rgb
 
 log = logging.getLogger("freefuse")
 
@@ -46,7 +53,6 @@ class Plan:
     background_positions: list[int] | None
     n_txt_cond: int  # text tokens of the cond prompt
     sigmas: torch.Tensor  # [steps + 1] the sampler's schedule
-    images: int  # batch size (images per chunk)
     masks: SubjectMasks | None = None  # given for a hires pass: reuse, resized, no capture
 
 
@@ -55,6 +61,7 @@ class _Call:
     shape: cw.CallShape
     grid_hw: tuple[int, int]
     step: int
+    sigma: float
     mode: str
     capture: bool
 
@@ -87,7 +94,6 @@ class Session:
         self.family = None  # FluxFamily / SdxlFamily, chosen at install
         self.level_grid: tuple[int, int] | None = None  # UNet: image grid of the transformer running now
         self.in_cross = False  # UNet: inside a cross-attention (attn2) call
-        self.capture_sigma: float | None = None
         self._handles: list = []
         self._restore: list = []
         self.positions = [s.positions for s in plan.subjects]
@@ -123,7 +129,7 @@ class Session:
                     f"this model ({type(diffusion_model).__name__}) is neither FLUX nor SDXL-family; FreeFuse "
                     "supports FLUX.1 and SDXL (Pony, Illustrious, NoobAI) checkpoints, not SD 1.x/2.x or Chroma"
                 )
-            problem = self.family.check(self.settings, diffusion_model)
+            problem = self.family.prepare(self.settings, diffusion_model)
             if problem:
                 raise UnsupportedModel(problem)
             steps = self.plan.sigmas.numel() - 1
@@ -203,7 +209,7 @@ class Session:
         if hasattr(clone, "add_extra_preserved_memory_during_sampling"):
             clone.add_extra_preserved_memory_during_sampling(self.runtime.nbytes)
         for layer in self.runtime.layers:
-            module = hooks.resolve(clone.model, layer.module_path)
+            module = resolve_module(clone.model, layer.module_path)
             self._handles.append(module.register_forward_hook(hooks.lora_hook(self, layer)))
 
     def add_handle(self, handle) -> None:
@@ -255,9 +261,8 @@ class Session:
                 and is_step_start(self.plan.sigmas, sigma)
                 and 0 in cond_or_uncond
             )
-        if capture:
-            self.capture_sigma = sigma
-        self.call = _Call(shape, grid, step, mode, capture)
+        self.level_grid = None  # set again by each UNet level's pre-hook
+        self.call = _Call(shape, grid, step, sigma, mode, capture)
 
     def masks_at(self, grid: tuple[int, int]) -> SubjectMasks:
         """The masks on another token grid (a hires pass, another UNet level), nearest so they stay hard."""
@@ -306,6 +311,27 @@ class Session:
             return None
         return family.bias(self, like, **where)
 
+    def layout_bias(self, layout: str, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
+        """The "joint" or "cross" bias of the current call at an image grid, built once and reused."""
+        call, settings = self.call, self.settings
+
+        def build():
+            bias = call_attention_bias(
+                layout,
+                self.masks_at(grid).masks.flatten(2),
+                self.positions,
+                self.plan.n_txt_cond,
+                call.shape.n_txt,
+                call.shape.cond_or_uncond,
+                neg_scale=settings.bias_scale,
+                pos_scale=settings.bias_positive_scale,
+                positive=settings.bias_positive,
+                bidirectional=settings.bias_bidirectional,
+            )
+            return bias.to(like.device, like.dtype)
+
+        return self.cached((layout, "bias", call.shape, tuple(grid), like.dtype, like.device), build)
+
     # ------------------------------------------------------------------ capture
     def on_capture(self, capture: Capture) -> None:
         """Maps from the capture block; masks now (official) or once the predicted x0 is known (paper)."""
@@ -313,7 +339,7 @@ class Session:
         call.capture = False
         self.arm_phase1_capture = False
         bg = self.plan.background_positions
-        log.info("FreeFuse: capturing masks at step %d (sigma %.4f)", call.step, self.capture_sigma or -1.0)
+        log.info("FreeFuse: capturing masks at step %d (sigma %.4f)", call.step, call.sigma)
         try:
             if self.settings.mask_method == "paper":
                 self.pending_maps = (
@@ -327,34 +353,19 @@ class Session:
             self.messages.append(f"FreeFuse could not compute masks ({err}); the subject LoRAs ran unmasked")
 
     def finish_with_x0(self, x0: torch.Tensor) -> None:
-        """Paper method: superpixel voting on the predicted x0 latent [B, 16, h, w] of the capture step."""
+        """Paper method: superpixel voting on the predicted x0 latent of the capture step (no VAE decode)."""
         if self.pending_maps is None or self.masks is not None:
             return
         maps, grid = self.pending_maps
         self.pending_maps = None
+        traits = self.family.traits
         try:
-            image = latent_to_rgb(x0.float().cpu())  # [B, 3, h, w] at latent size (1/8 of the pixels)
-            pixels_h, pixels_w = 8 * image.shape[-2], 8 * image.shape[-1]
-            self.masks = partition_superpixels(
-                maps.subjects,
-                maps.background,
-                grid,
-                image,
-                n_segments=self.settings.slic_segments or default_n_segments(pixels_h, pixels_w),
-                compactness=self.settings.slic_compactness,
-                bg_scale=self.settings.bg_scale,
-            )
+            picture, n_segments = x0_picture(x0)
+            self.masks = partition_maps(maps, grid, self.settings, traits, picture, n_segments)
         except Exception as err:  # noqa: BLE001
             log.exception("FreeFuse: superpixel voting failed")
             self.messages.append(f"FreeFuse superpixel voting failed ({err}); used the balanced argmax instead")
-            self.masks = partition_balanced(
-                maps.subjects,
-                maps.background,
-                grid,
-                params=balance_params(self.settings, self.family.traits),
-                bg_scale=self.settings.bg_scale,
-                morphology=self.settings.morphology,
-            )
+            self.masks = partition_maps(maps, grid, self.settings, traits)
 
     # ------------------------------------------------------------------ restart schedule
     def run_phase1(self, model, cond, x, timestep, model_options) -> None:

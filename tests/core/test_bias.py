@@ -230,3 +230,19 @@ def test_explicit_block_lists():
 def test_bad_block_specs_list_the_accepted_forms(spec):
     with pytest.raises(ValueError, match="accepted forms|outside"):
         bias_blocks(spec, 19, 38)
+
+
+def test_a_calls_bias_repeats_cond_positions_with_the_text_and_leaves_uncond_rows_alone():
+    from freefuse.bias import call_attention_bias
+
+    masks = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # [B=1, C=2, N=2]
+    cross = call_attention_bias(
+        "cross", masks, [[0], [1]], 2, 4, (1, 0), neg_scale=1.0, pos_scale=2.0, positive=True
+    )  # cond text of 2 tokens repeated to 4; uncond chunk first
+    assert cross.shape == (2, 2, 4)
+    assert cross[0].abs().sum() == 0
+    assert cross[1, 0].tolist() == [2.0, -1.0, 2.0, -1.0]  # image token 0 belongs to subject 0
+    joint = call_attention_bias("joint", masks, [[0], [1]], 2, 2, (0,), neg_scale=1.0, pos_scale=2.0)
+    assert torch.equal(joint[0, 2:, :2], cross[1, :, :2])
+    with pytest.raises(ValueError, match="joint' or 'cross"):
+        call_attention_bias("diagonal", masks, [[0], [1]], 2, 2, (0,), neg_scale=1.0, pos_scale=2.0)

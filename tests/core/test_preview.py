@@ -118,3 +118,14 @@ def test_mask_images_are_grey_255_inside():
     assert first[0, 0] == 255 and first[36, 40] == 0 and first[0, 20] == 255
     expected = (upsample_nearest(two_by_three()[1], (37, 50)) * 255).numpy().astype(np.uint8)
     assert np.array_equal(np.asarray(images[1]), expected)
+
+
+def test_tensor_to_image_keeps_pixel_values_and_layout():
+    from freefuse.preview import tensor_to_image
+
+    image = torch.zeros(3, 2, 4)
+    image[0, 1, 3] = 1.0  # red at row 1, column 3
+    image[2] = 0.5
+    pil = tensor_to_image(image)
+    assert pil.size == (4, 2) and pil.mode == "RGB"
+    assert pil.getpixel((3, 1)) == (255, 0, 128) and pil.getpixel((0, 0)) == (0, 0, 128)

@@ -69,7 +69,6 @@ class Runner:
             background_positions=None,
             n_txt_cond=cond_length(cond),
             sigmas=sigmas,
-            images=images,
             masks=masks,
         )
         self.session = Session(plan)
@@ -319,7 +318,6 @@ def test_an_unknown_model_is_refused_with_a_message_and_nothing_installed(flux):
         None,
         8,
         torch.linspace(1, 0, 5),
-        1,
     )
     session = Session(plan)
     saved = clone.model.diffusion_model
@@ -341,7 +339,6 @@ def test_capture_step_beyond_the_schedule_is_refused(flux):
         None,
         8,
         torch.linspace(1, 0, 5),
-        1,
     )
     session = Session(plan)
     assert session.install(both) is both
