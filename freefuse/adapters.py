@@ -23,13 +23,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-
-Layout = Literal["image", "text", "joint", "global"]
 
 
 @dataclass(frozen=True)

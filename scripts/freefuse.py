@@ -6,6 +6,8 @@ Thin glue: arguments become a validated ``FreeFuseSettings`` and each Forge call
 
 from __future__ import annotations
 
+import functools
+
 import gradio as gr
 from modules import script_callbacks, scripts
 from modules.ui_components import InputAccordion
@@ -143,8 +145,6 @@ class FreeFuseScript(scripts.Script):
             self.generation.after_batch(p, images, batch_number)
 
     def postprocess(self, p, processed, *args):
-        if self.generation is not None:
-            self.generation.close()
         sessions.close_active()
 
 
@@ -156,16 +156,19 @@ def _model_family(p) -> str:
         return "flux"
 
 
+@functools.lru_cache(maxsize=8)
+def _pasted_settings(text: str) -> FreeFuseSettings | None:
+    """The settings in a pasted infotext value (parsed once for all the components), or None if unusable."""
+    try:
+        return FreeFuseSettings.from_infotext(text)[0]
+    except ValueError:
+        return None
+
+
 def _from_infotext(name: str):
     def read(params: dict):
-        text = params.get(INFOTEXT_KEY)
-        if not text:
-            return gr.update()
-        try:
-            settings, _ = FreeFuseSettings.from_infotext(text)
-        except ValueError:
-            return gr.update()
-        return getattr(settings, name)
+        settings = _pasted_settings(params[INFOTEXT_KEY]) if params.get(INFOTEXT_KEY) else None
+        return gr.update() if settings is None else getattr(settings, name)
 
     return read
 

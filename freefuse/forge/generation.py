@@ -102,10 +102,6 @@ class Generation:
             sessions.close_active()
             self.session = None
 
-    def close(self) -> None:
-        sessions.close_active()
-        self.session = None
-
     # ------------------------------------------------------------------ helpers
     def _subjects_infotext(self, p=None, index=0, all_prompts=(), **_) -> str | None:
         """Per image: Forge calls this in the batch loop (batch-local index) and again for the job."""
