@@ -71,9 +71,7 @@ class FluxFamily:
     def install(self, session, diffusion_model) -> None:
         import backend.nn.flux as flux_module
 
-        session.add_handle(
-            diffusion_model.register_forward_pre_hook(hooks.call_hook(session, token_grid), with_kwargs=True)
-        )
+        hooks.install_call_hooks(session, diffusion_model, token_grid)
         blocks = [("double", i, b) for i, b in enumerate(diffusion_model.double_blocks)]
         blocks += [("single", i, b) for i, b in enumerate(diffusion_model.single_blocks)]
         for kind, index, block in blocks:

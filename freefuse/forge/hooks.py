@@ -9,20 +9,27 @@ from __future__ import annotations
 from freefuse import call_weights as cw
 
 
-def call_hook(session, grid_of):
-    """Forward pre-hook (with kwargs) on the denoiser: tells the session a model call starts.
+def install_call_hooks(session, diffusion_model, grid_of) -> None:
+    """Tell the session when a call of this denoiser starts and ends (also when it raises).
 
-    Forge's KModel calls ``diffusion_model(x, t, context=..., transformer_options=..., ...)``.
+    Forge's KModel calls ``diffusion_model(x, t, context=..., transformer_options=..., ...)``. Outside a call
+    ``session.call`` is None, so the module-level attention swap does nothing for any other model (a new
+    checkpoint loaded after a generation that raised, a ControlNet, a refiner).
     """
 
-    def hook(module, args, kwargs):
+    def begin(module, args, kwargs):
         if session.live():
             x = args[0] if args else kwargs["x"]
             context = kwargs.get("context", args[2] if len(args) > 2 else None)
             session.begin_call(x.shape[0], kwargs.get("transformer_options") or {}, context.shape[1], grid_of(x))
         return None
 
-    return hook
+    def end(module, args, output):
+        session.call = None
+        return None
+
+    session.add_handle(diffusion_model.register_forward_pre_hook(begin, with_kwargs=True))
+    session.add_handle(diffusion_model.register_forward_hook(end, always_call=True))
 
 
 def lora_hook(session, layer):
@@ -45,19 +52,42 @@ def lora_hook(session, layer):
     return hook
 
 
-def phase1_function(session):
+def step_input_modifier(session):
+    """First conditioning modifier: remembers the x that Forge's sampling_function evaluates this step.
+
+    Modifiers after it may evaluate the model on other latents (reference ControlNet does, through
+    sampling_function_inner); only the evaluation of this very x is the generation's own.
+    """
+
+    def modifier(model, x, timestep, uncond, cond, cond_scale, model_options, seed):
+        if session.live():
+            session.step_input = x
+        return model, x, timestep, uncond, cond, cond_scale, model_options, seed
+
+    return modifier
+
+
+def main_eval_start(session):
+    """Pre-CFG function: marks the generation's own evaluation; the restart schedule's phase 1 runs there."""
+
     def pre_cfg(model, cond, uncond, x, timestep, model_options):
-        if session.live() and not session.phase1_done:
-            session.run_phase1(model, cond, x, timestep, model_options)
+        if session.live():
+            session.in_main_eval = x is session.step_input
+            if session.in_main_eval and not session.phase1_done:
+                session.run_phase1(model, cond, x, timestep, model_options)
         return model, cond, uncond, x, timestep, model_options
 
     return pre_cfg
 
 
-def x0_function(session):
+def main_eval_end(session):
+    """Post-CFG function: the paper method's superpixel voting on the capture step's x0, then end the mark."""
+
     def post_cfg(args):
-        if session.live() and session.pending_maps is not None:
-            session.finish_with_x0(args["cond_denoised"])
+        if session.live():
+            if session.in_main_eval and session.pending_maps is not None:
+                session.finish_with_x0(args["cond_denoised"])
+            session.in_main_eval = False
         return args["denoised"]
 
     return post_cfg

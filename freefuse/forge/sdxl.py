@@ -91,9 +91,7 @@ class SdxlFamily:
     def install(self, session, diffusion_model) -> None:
         import backend.nn.unet as unet_module
 
-        session.add_handle(
-            diffusion_model.register_forward_pre_hook(hooks.call_hook(session, latent_grid), with_kwargs=True)
-        )
+        hooks.install_call_hooks(session, diffusion_model, latent_grid)
         for _, transformer in transformer_blocks(diffusion_model):
             session.add_handle(transformer.register_forward_pre_hook(_level_hook(session)))
             for block in transformer.transformer_blocks:

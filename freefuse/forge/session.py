@@ -78,6 +78,25 @@ def close_active(reason: str = "") -> None:
         _ACTIVE.close()
 
 
+def guard_sampling(unet, step: int | None = None) -> Session | None:
+    """Called at every denoiser step of every generation (any tab, any model), before its model call.
+
+    When the model about to run does not carry the active session (a generation that raised left the session
+    open, a refiner took over, another extension swapped the model), the session closes first, so nothing
+    of FreeFuse acts on a model it did not patch. Returns the session it closed, if any.
+    """
+    session = _ACTIVE
+    if session is None or session.owns(unet):
+        return None
+    close_active("the model being sampled is not the one FreeFuse patched")
+    at = f" at step {step}" if step is not None else ""
+    session.messages.append(
+        f"the model changed during sampling{at} (a refiner, or another extension replaced it); FreeFuse stopped "
+        "there, and the remaining steps ran with the subject LoRAs merged as usual"
+    )
+    return session
+
+
 class Session:
     def __init__(self, plan: Plan):
         self.plan = plan
@@ -89,6 +108,8 @@ class Session:
         self.current_block: tuple[str, int] | None = None
         self.in_phase1 = False
         self.arm_phase1_capture = False
+        self.step_input: torch.Tensor | None = None  # the x of this step's sampling_function (not a modifier's)
+        self.in_main_eval = False  # inside the generation's own evaluation of this step
         self.phase1_done = plan.masks is not None or plan.settings.schedule != "restart"
         self.runtime: RuntimeLoras | None = None
         self.family = None  # FluxFamily / SdxlFamily, chosen at install
@@ -149,7 +170,7 @@ class Session:
             return clone
         except Exception as err:  # noqa: BLE001 - any failure leaves Forge as it was
             self._remove_hooks()
-            self.messages.append(f"FreeFuse is off for this image: {err}")
+            self.messages.append(f"not applied to this image: {err}")
             if not isinstance(err, UnsupportedModel):
                 log.exception("FreeFuse: install failed")
             return unet
@@ -159,6 +180,8 @@ class Session:
         self._remove_hooks()
         self.open = False
         self.call = None
+        self.step_input = None
+        self.in_main_eval = False
         self.pending_maps = None
         self.runtime = None
         self._cache.clear()
@@ -176,6 +199,11 @@ class Session:
     def live(self) -> bool:
         """True while this session is installed and is the active one (hooks act only then)."""
         return self.open and _ACTIVE is self
+
+    def owns(self, unet) -> bool:
+        """True when ``unet`` is this session's patched clone or a clone of it (the token travels along)."""
+        options = getattr(unet, "model_options", None) or {}
+        return (options.get("transformer_options") or {}).get(TOKEN_KEY) == self.token
 
     # ------------------------------------------------------------------ installation
     def _install_loras(self, clone) -> None:
@@ -227,10 +255,18 @@ class Session:
         return self._cache[key]
 
     def _install_sampler_functions(self, clone) -> None:
-        if not self.phase1_done:
-            clone.add_sampler_pre_cfg_function(hooks.phase1_function(self))
-        if self.settings.mask_method == "paper" and self.settings.schedule == "continue":
-            clone.set_model_sampler_post_cfg_function(hooks.x0_function(self))
+        """Mark the generation's own evaluation of each step; run phase 1 / paper x0 only from there.
+
+        Other code may evaluate the model inside a step first (reference ControlNet runs it on a noised
+        reference latent from a conditioning modifier): masks must never come from such a call.
+        """
+        options = clone.model_options
+        options["conditioning_modifiers"] = [
+            hooks.step_input_modifier(self),
+            *options.get("conditioning_modifiers", []),
+        ]
+        clone.add_sampler_pre_cfg_function(hooks.main_eval_start(self))
+        clone.set_model_sampler_post_cfg_function(hooks.main_eval_end(self))
 
     # ------------------------------------------------------------------ per call
     def begin_call(self, rows: int, options: dict, n_txt: int, grid: tuple[int, int]) -> None:
@@ -256,6 +292,7 @@ class Session:
             mode = cw.FULL
             capture = (
                 self.settings.schedule == "continue"
+                and self.in_main_eval
                 and self.pending_maps is None
                 and step == self.settings.capture_step
                 and is_step_start(self.plan.sigmas, sigma)
@@ -350,7 +387,7 @@ class Session:
                 self.masks = compute_masks(capture, self.positions, bg, self.settings, self.family.traits)
         except Exception as err:  # noqa: BLE001 - a failed capture must not break the generation
             log.exception("FreeFuse: mask computation failed")
-            self.messages.append(f"FreeFuse could not compute masks ({err}); the subject LoRAs ran unmasked")
+            self.messages.append(f"could not compute masks ({err}); the subject LoRAs ran unmasked")
 
     def finish_with_x0(self, x0: torch.Tensor) -> None:
         """Paper method: superpixel voting on the predicted x0 latent of the capture step (no VAE decode)."""
@@ -364,7 +401,7 @@ class Session:
             self.masks = partition_maps(maps, grid, self.settings, traits, picture, n_segments)
         except Exception as err:  # noqa: BLE001
             log.exception("FreeFuse: superpixel voting failed")
-            self.messages.append(f"FreeFuse superpixel voting failed ({err}); used the balanced argmax instead")
+            self.messages.append(f"superpixel voting failed ({err}); used the balanced argmax instead")
             self.masks = partition_maps(maps, grid, self.settings, traits)
 
     # ------------------------------------------------------------------ restart schedule
@@ -390,7 +427,7 @@ class Session:
             self.arm_phase1_capture = False
             self.phase1_done = True
         if self.masks is None:
-            self.messages.append("FreeFuse found no masks in the extra evaluations; the subject LoRAs ran unmasked")
+            self.messages.append("found no masks in the extra evaluations; the subject LoRAs ran unmasked")
 
 
 class UnsupportedModel(RuntimeError):

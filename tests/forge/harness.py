@@ -87,6 +87,7 @@ class ForgeHarness(Harness):
         self.flux_module: ModuleType = self.forge.flux  # backend.nn.flux
         self.unet_module: ModuleType = self.forge.unet_nn  # backend.nn.unet (module-level attention_function)
         self._lora: ModuleType = self.forge.lora  # backend.patcher.lora
+        self.sampling_function_inner = self.forge.sampling.sampling_function_inner
 
     def model_kind(self, unet) -> str:
         """'sdxl' for a backend.nn.unet UNet, 'flux' for a FLUX transformer."""

@@ -18,15 +18,16 @@ from tests.forge_common.harness_conventions import LoraFile
 class Harness:
     """Tiny random-weight FLUX and SDXL models, LoRA files, the LoRA merge and Euler sampling, on one tier.
 
-    A tier sets `name`, `flux_module` (its backend.nn.flux), `unet_module` (backend.nn.unet) and `_lora`
-    (backend.patcher.lora), and implements `_build_flux_unet`, `_build_sdxl_unet`, `_sample` and
-    `merged_weight`.
+    A tier sets `name`, `flux_module` (its backend.nn.flux), `unet_module` (backend.nn.unet), `_lora`
+    (backend.patcher.lora) and `sampling_function_inner` (what extensions call to evaluate the model), and
+    implements `_build_flux_unet`, `_build_sdxl_unet`, `_sample` and `merged_weight`.
     """
 
     name: str
     flux_module: ModuleType
     unet_module: ModuleType
     _lora: ModuleType
+    sampling_function_inner: Callable  # backend.sampling.sampling_function.sampling_function_inner
 
     # --- what a tier supplies -------------------------------------------------------------------------
 

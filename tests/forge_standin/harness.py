@@ -50,6 +50,7 @@ class StandinHarness(Harness):
         self._memory = importlib.import_module("backend.memory_management")
         self._condition = importlib.import_module("backend.sampling.condition")
         self._sampling = importlib.import_module("backend.sampling.sampling_function")
+        self.sampling_function_inner = self._sampling.sampling_function_inner
 
     # --- model -------------------------------------------------------------------------------------
 
