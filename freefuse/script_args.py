@@ -1,16 +1,32 @@
 """Script arguments -> FreeFuseSettings: the UI/API positional list, or one dict of named settings.
 
 Forge passes an AlwaysOn script its arguments positionally in UI order (A1111 convention); the API fills any
-missing trailing ones with the UI defaults. FreeFuse also accepts ``{"args": [{"enabled": true, ...}]}``: a
-dict as the first argument replaces the positional form entirely.
+missing trailing ones with the UI defaults. After the settings comes one more positional value, "Values for":
+the model family the values were written for ("flux" or "sdxl"; the accordion fills in that family's
+defaults). On a model of that family every value is used exactly as given. On a model of the other family,
+a family-dependent value still equal to its "Values for" default counts as not chosen and takes the model's
+default instead, and a note lists each such value. FreeFuse also accepts ``{"args": [{"enabled": true, ...}]}``:
+a dict as the first argument replaces the positional form; it names exactly the values to use, every other
+value takes the loaded model's default. XYZ overrides are always used exactly.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
-from freefuse.settings import MASK_METHODS, SCHEDULES, FreeFuseSettings, SettingsError, setting_names
+from freefuse.settings import (
+    FAMILIES,
+    MASK_METHODS,
+    SCHEDULES,
+    FreeFuseSettings,
+    SettingsError,
+    family_knobs,
+    setting_names,
+)
+
+FAMILY_LABELS = {"flux": "FLUX", "sdxl": "SDXL"}
 
 # XYZ plot axes: (label, setting, value type, choices or None)
 XYZ_AXES: tuple[tuple[str, str, type, list[str] | None], ...] = (
@@ -27,32 +43,95 @@ XYZ_AXES: tuple[tuple[str, str, type, list[str] | None], ...] = (
 )
 
 
+@dataclass
+class ParsedArgs:
+    """Validated settings (None when a value is unusable), one sentence per problem, and notes to show."""
+
+    settings: FreeFuseSettings | None
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
+def positional_count() -> int:
+    """How many positional arguments the script takes: every setting, then "Values for"."""
+    return len(setting_names()) + 1
+
+
 def settings_from_args(
     args: Sequence[Any], family: str = "flux", overrides: dict[str, Any] | None = None
-) -> tuple[FreeFuseSettings | None, list[str]]:
-    """Validated settings, or (None, one message per problem). ``overrides`` (XYZ axes) win over args.
+) -> ParsedArgs:
+    """The settings ``args`` ask for on a model of ``family``. ``overrides`` (XYZ axes) win over args.
 
     Nothing is validated while FreeFuse is off, so a stray value never bothers a user who is not using it.
-    The UI shows FLUX's defaults: on another family a positional value still equal to its FLUX default counts
-    as untouched and takes that family's default (the dict form names only what the caller sets).
     """
     names = setting_names()
+    notes: list[str] = []
     if args and isinstance(args[0], dict):
         data = dict(args[0])
     else:
-        if len(args) > len(names):
-            return None, [
-                f"got {len(args)} positional arguments; FreeFuse takes at most {len(names)} ({', '.join(names)})"
-            ]
+        if len(args) > positional_count():
+            return ParsedArgs(
+                None,
+                [
+                    f"got {len(args)} positional arguments; FreeFuse takes at most {positional_count()} "
+                    f"({', '.join(names)}, values_for)"
+                ],
+            )
         data = dict(zip(names, args, strict=False))
-        if family != "flux":
-            shown = FreeFuseSettings.defaults("flux").to_dict()
-            data = {k: v for k, v in data.items() if k not in shown or v != shown[k]}
+        written_for = args[len(names)] if len(args) > len(names) else "flux"
+        if written_for not in FAMILIES:
+            if _is_on(data, overrides):
+                return ParsedArgs(None, [f"values_for must be one of {', '.join(FAMILIES)}; got {written_for!r}"])
+            written_for = family
+        if written_for != family and family in FAMILIES:
+            data, adopted = _adopt_family_defaults(data, written_for, family)
+            if adopted:
+                notes.append(_adopted_note(adopted, written_for, family))
     if overrides:
         data.update(overrides)
-    if data.get("enabled", False) in (False, None, 0, "False", "false", ""):
-        return FreeFuseSettings.defaults(family), []
+    if not _is_on(data, None):
+        return ParsedArgs(FreeFuseSettings.defaults(family))
     try:
-        return FreeFuseSettings.from_dict(data, family), []
+        return ParsedArgs(FreeFuseSettings.from_dict(data, family), notes=notes)
     except SettingsError as err:
-        return None, err.problems
+        return ParsedArgs(None, err.problems)
+
+
+def _is_on(data: dict, overrides: dict | None) -> bool:
+    value = (overrides or {}).get("enabled", data.get("enabled", False))
+    return value not in (False, None, 0, "False", "false", "")
+
+
+def _adopt_family_defaults(data: dict, written_for: str, family: str) -> tuple[dict, list[tuple[str, Any, Any]]]:
+    """Drop the family-dependent values still at ``written_for``'s default (they then take ``family``'s).
+
+    Returns the remaining values and (name, given, used) for each value that changes.
+    """
+    given_defaults = FreeFuseSettings.defaults(written_for).to_dict()
+    model_defaults = FreeFuseSettings.defaults(family).to_dict()
+    kept, adopted = dict(data), []
+    for name in family_knobs():
+        if name in kept and kept[name] == given_defaults[name]:
+            del kept[name]
+            if model_defaults[name] != given_defaults[name]:
+                adopted.append((name, given_defaults[name], model_defaults[name]))
+    return kept, adopted
+
+
+def _adopted_note(adopted: list[tuple[str, Any, Any]], written_for: str, family: str) -> str:
+    theirs, model = FAMILY_LABELS[written_for], FAMILY_LABELS[family]
+    every = {name for name, _, _ in adopted} == {
+        name
+        for name in family_knobs()
+        if getattr(FreeFuseSettings.defaults(written_for), name) != getattr(FreeFuseSettings.defaults(family), name)
+    }
+    if every:
+        what = f"the {model} defaults are used"
+    else:
+        changes = ", ".join(f"{name} {given} -> {used}" for name, given, used in adopted)
+        what = f"the values left at their {theirs} defaults take the {model} defaults ({changes})"
+    article = "an" if model[0] in "AEFHILMNORSX" else "a"
+    return (
+        f"the values are set for {theirs} but this is {article} {model} model: {what}; to choose them yourself, "
+        f"set 'Values for' to {model} (API: send \"{family}\" as the last positional argument, or named settings)"
+    )

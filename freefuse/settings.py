@@ -301,6 +301,11 @@ def setting_help(name: str) -> str:
     raise KeyError(name)
 
 
+def family_knobs() -> list[str]:
+    """The settings whose default depends on the model family, in declaration order."""
+    return [f.name for f in fields(FreeFuseSettings) if f.metadata.get("family")]
+
+
 def setting_names() -> list[str]:
     """Every setting name in declaration (= UI and positional API) order."""
     return [f.name for f in fields(FreeFuseSettings)]

@@ -3,7 +3,10 @@
 Every ``<lora:...>`` in the prompt is a candidate. Its phrase comes from, in order: the user's Subjects box,
 the LoRA's "activation text" (user metadata), the safetensors ``modelspec.trigger_phrase``, and the LoRA's
 own name. The first phrase that occurs in the prompt makes the LoRA a subject; a LoRA with none stays global
-(merged as usual). Fewer than two subjects: FreeFuse does nothing, and says why.
+(merged as usual). Once the Subjects box names any LoRA, a LoRA's own name no longer makes it a subject (a
+style LoRA called "watercolor" in "watercolor painting of ..." stays global). A LoRA that Forge gave no
+weights for this model's denoiser is never a subject. Fewer than two subjects: FreeFuse does nothing, and
+says why.
 """
 
 from __future__ import annotations
@@ -65,6 +68,7 @@ def parse_subject_lines(text: str) -> tuple[dict[str, str], list[str]]:
 
 
 def _phrase_options(candidate: LoraCandidate, explicit: dict[str, str]) -> list[tuple[str, str]]:
+    """(phrase, source) in the order they are tried; the name only while the Subjects box names no LoRA."""
     if candidate.name in explicit:
         return [(explicit[candidate.name], "subjects box")]
     options: list[tuple[str, str]] = []
@@ -76,7 +80,8 @@ def _phrase_options(candidate: LoraCandidate, explicit: dict[str, str]) -> list[
             options += [(p, "activation text") for p in parts]
     if candidate.trigger_phrase.strip():
         options.append((candidate.trigger_phrase.strip(), "trigger phrase"))
-    options.append((candidate.name, "lora name"))
+    if not explicit:
+        options.append((candidate.name, "lora name"))
     return options
 
 
@@ -84,8 +89,11 @@ def resolve_subjects(
     candidates: Sequence[LoraCandidate],
     subjects_text: str,
     locate: Callable[[str], PhraseMatch],
+    unusable: dict[str, str] | None = None,
 ) -> SubjectPlan:
-    """Decide the subjects. ``locate(phrase)`` finds a phrase in the tokenised prompt."""
+    """Decide the subjects. ``locate(phrase)`` finds a phrase in the tokenised prompt; ``unusable`` maps a
+    LoRA filename to why it cannot be a subject on this model (it then stays as Forge runs it)."""
+    unusable = unusable or {}
     plan = SubjectPlan()
     explicit, problems = parse_subject_lines(subjects_text)
     plan.messages += problems
@@ -99,6 +107,12 @@ def resolve_subjects(
         if candidate.filename in seen:
             continue
         seen.add(candidate.filename)
+        if candidate.filename in unusable:
+            plan.global_loras.append(candidate.name)
+            plan.messages.append(
+                f"LoRA {candidate.name!r} is not a subject: {unusable[candidate.filename]}; it runs as Forge runs it"
+            )
+            continue
         chosen = None
         tried = []
         for phrase, source in _phrase_options(candidate, explicit):
@@ -117,6 +131,11 @@ def resolve_subjects(
                 f"(tried {', '.join(repr(t) for t in tried)})"
             )
             continue
+        if chosen.source == "lora name":
+            plan.messages.append(
+                f"LoRA {candidate.name!r} is a subject because its name is a word of the prompt; to keep a LoRA "
+                "global (a style, say), name the subjects in the Subjects box ('lora: trigger phrase' lines)"
+            )
         plan.subjects.append(chosen)
 
     dropped: set[int] = set()

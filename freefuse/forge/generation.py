@@ -1,7 +1,12 @@
 """FreeFuse across one ``process_images`` call: every batch and hires pass, the messages, the mask pictures.
 
 The script hands each Forge callback to this object; nothing here raises into Forge. A problem the user can
-cause becomes one message (console, the image's Comments, infotext), and the image is still generated.
+cause becomes one message (console, the image's Comments, the "FreeFuse notes" infotext entry), and the image
+is still generated.
+
+Forge calls ``process_before_every_sampling`` once per first pass and twice per hires pass (once on the
+first pass's model, once after resetting it); FreeFuse keeps the first pass's masks here, not in a session,
+so any number and order of those calls gives the hires pass the first pass's masks.
 """
 
 from __future__ import annotations
@@ -14,11 +19,40 @@ from freefuse.forge import session as sessions
 from freefuse.forge import subjects as forge_subjects
 from freefuse.forge.families import family_name
 from freefuse.forge.session import Plan, Session, SubjectSpec
+from freefuse.partition import SubjectMasks
 from freefuse.preview import mask_overlay, tensor_to_image
 from freefuse.settings import INFOTEXT_KEY, FreeFuseSettings
 
 log = logging.getLogger("freefuse")
 SUBJECTS_KEY = "FreeFuse subjects"
+NOTES_KEY = "FreeFuse notes"
+NOTES_SEPARATOR = " | "
+
+
+def tell(p, message: str) -> None:
+    """The one path of every FreeFuse message, each said once per generation: the console, the image's
+    Comments (web UI) and the "FreeFuse notes" infotext entry (the API response's infotexts and the PNG)."""
+    notes = p.extra_generation_params.get(NOTES_KEY)
+    said = notes.split(NOTES_SEPARATOR) if notes else []
+    if message in said:
+        return
+    p.extra_generation_params[NOTES_KEY] = NOTES_SEPARATOR.join([*said, message])
+    print(f"FreeFuse: {message}")
+    if hasattr(p, "comment"):
+        p.comment(f"FreeFuse: {message}")
+
+
+def image_index(p=None, index=0, all_prompts=None, use_main_prompt=False, **_) -> int:
+    """The job-wide image index of a Forge infotext callable's call (it passes create_infotext's locals).
+
+    The per-image infotexts of a batch come with the batch's prompts and a batch-local index; the grid's with
+    ``use_main_prompt`` (the job's first image); ``Processed.infotext`` with the job's prompts and index.
+    """
+    if use_main_prompt or p is None:
+        return 0 if use_main_prompt else index
+    if all_prompts is getattr(p, "all_prompts", None):
+        return index
+    return getattr(p, "iteration", 0) * p.batch_size + index
 
 
 class Generation:
@@ -27,48 +61,48 @@ class Generation:
         self.family = family
         self.session: Session | None = None
         self.summaries: dict[int, str] = {}  # image index in the job -> "harry: harry_potter 41%, ..."
-        self._said: set[str] = set()
+        self.patched_images: set[int] = set()  # images whose sampling FreeFuse patched
+        # this batch: the masks its first pass found (its hires pass reuses them), where, and for whom
+        self.pass_masks: SubjectMasks | None = None
+        self.pass_family: str | None = None
+        self.pass_model = None  # the first pass's diffusion model
+        self.pass_subjects: list[SubjectSpec] = []
+        self.batch_patched = False
 
-    # ------------------------------------------------------------------ messages
     def say(self, p, message: str) -> None:
-        """One clear message per problem: console, the image's Comments (UI and API info)."""
-        text = f"FreeFuse: {message}"
-        if text in self._said:
-            return
-        self._said.add(text)
-        print(text)
-        if hasattr(p, "comment"):
-            p.comment(text)
+        tell(p, message)
 
     # ------------------------------------------------------------------ Forge callbacks
     def record_settings(self, p) -> None:
-        p.extra_generation_params[INFOTEXT_KEY] = self.settings.to_infotext(self.family)
+        """Infotext entries, per image: written only for images FreeFuse actually patched."""
+        p.extra_generation_params[INFOTEXT_KEY] = self._settings_infotext
         p.extra_generation_params[SUBJECTS_KEY] = self._subjects_infotext
 
     def before_sampling(self, p) -> None:
         """process_before_every_sampling: plan this pass and install the session (or explain why not)."""
-        hires = getattr(p, "is_hr_pass", False)
-        previous = sessions.active()
-        reuse = previous.masks if (previous is not None and hires) else None
-        first_pass_subjects = [s.filename for s in previous.plan.subjects] if reuse is not None else None
-        sessions.close_active()
-        self.session = None
-        if hires and reuse is None:
-            self.say(p, "no masks from a first pass; the hires pass ran without FreeFuse")
+        unet = p.sd_model.forge_objects.unet
+        if self.session is not None and self.session.live() and self.session.owns(unet):
+            return  # the model FreeFuse already patched (hires calls once before Forge resets the model)
+        hires = bool(getattr(p, "is_hr_pass", False))
+        self._end_session(p)
+        sessions.close_active("a new sampling pass started")
+        if not hires:
+            self.pass_masks, self.pass_family, self.pass_model, self.pass_subjects = None, None, None, []
+            self.batch_patched = False
+        elif not self._hires_can_reuse(p, unet):
             return
         try:
-            plan = self._plan(p, reuse)
+            plan = self._plan(p, hires)
         except Exception as err:  # noqa: BLE001 - never break a generation
             log.exception("FreeFuse: planning failed")
             self.say(p, f"could not prepare ({err}); generated without FreeFuse")
             return
         if plan is None:
             return
-        if first_pass_subjects is not None and [s.filename for s in plan.subjects] != first_pass_subjects:
+        if hires and [s.filename for s in plan.subjects] != [s.filename for s in self.pass_subjects]:
             self.say(p, "the hires prompt has other subjects than the first pass; the hires pass ran without FreeFuse")
             return
         session = Session(plan)
-        unet = p.sd_model.forge_objects.unet
         patched = session.install(unet)
         for message in session.messages:
             self.say(p, message)
@@ -76,42 +110,79 @@ class Generation:
         if patched is unet:
             return
         self.session = session
+        self.batch_patched = True
+        if not hires:
+            self.pass_family, self.pass_model, self.pass_subjects = session.family.name, unet.model, plan.subjects
         p.sd_model.forge_objects.unet = patched
 
     def after_batch(self, p, images: torch.Tensor, batch_number: int) -> None:
-        """postprocess_batch: record coverage, add mask pictures, remove every hook."""
-        session = self.session
-        if session is None:
-            sessions.close_active()
-            return
+        """postprocess_batch: remove every hook, record coverage, add mask pictures."""
         try:
-            for message in session.messages:
-                self.say(p, message)
-            masks = session.masks
-            if masks is not None:
-                coverage = masks.coverage  # [B, C]
-                for i in range(coverage.shape[0]):
-                    parts = [
-                        f"{s.lora}: {s.phrase} {100.0 * float(coverage[i, c]):.0f}%"
-                        for c, s in enumerate(session.plan.subjects)
-                    ]
-                    self.summaries[batch_number * p.batch_size + i] = ", ".join(parts)
-                if self.settings.show_masks:
-                    self._add_pictures(p, images, masks, [s.lora for s in session.plan.subjects])
+            self._end_session(p)
+            if not self.batch_patched:
+                return
+            first = batch_number * p.batch_size
+            self.patched_images.update(range(first, first + images.shape[0]))
+            masks = self.pass_masks
+            if masks is None:
+                self.say(p, "no masks were found for this batch; the subject LoRAs ran unmasked")
+                return
+            coverage = masks.coverage  # [B, C]
+            for i in range(coverage.shape[0]):
+                parts = [
+                    f"{s.lora}: {s.phrase} {100.0 * float(coverage[i, c]):.0f}%"
+                    for c, s in enumerate(self.pass_subjects)
+                ]
+                self.summaries[first + i] = ", ".join(parts)
+            if self.settings.show_masks:
+                self._add_pictures(p, images, masks, [s.lora for s in self.pass_subjects])
         finally:
             sessions.close_active()
-            self.session = None
+            self.batch_patched = False
 
     # ------------------------------------------------------------------ helpers
-    def _subjects_infotext(self, p=None, index=0, all_prompts=(), **_) -> str | None:
-        """Per image: Forge calls this in the batch loop (batch-local index) and again for the job."""
-        whole_job = p is None or len(all_prompts) == len(getattr(p, "all_prompts", ()))
-        image = index if whole_job else getattr(p, "iteration", 0) * p.batch_size + index
-        return self.summaries.get(image)
+    def _end_session(self, p) -> None:
+        """Close this generation's session (if any), keep its masks for the batch and pass on its messages."""
+        session, self.session = self.session, None
+        if session is None:
+            return
+        if session.masks is not None:
+            self.pass_masks = session.masks
+        session.close()
+        for message in session.messages:
+            self.say(p, message)
+        session.messages.clear()
 
-    def _plan(self, p, reuse) -> Plan | None:
+    def _hires_can_reuse(self, p, unet) -> bool:
+        """Whether the hires pass can run with the first pass's masks; says why not."""
+        if not self.batch_patched:
+            return False  # FreeFuse did not run in the first pass, and said why there
+        if self.pass_masks is None:
+            self.say(p, "no masks from the first pass; the hires pass ran without FreeFuse")
+            return False
+        model = unet.model
+        family = family_name(model.diffusion_model)
+        if family != self.pass_family:
+            self.say(
+                p,
+                f"the hires checkpoint is {family or 'not supported'}, the first pass was {self.pass_family}; masks do "
+                "not carry across model families, so the hires pass ran without FreeFuse",
+            )
+            return False
+        if model is not self.pass_model:
+            self.say(p, "the hires pass runs on another checkpoint; it used the first pass's masks, resized")
+        return True
+
+    def _settings_infotext(self, **where) -> str | None:
+        return self.settings.to_infotext(self.family) if image_index(**where) in self.patched_images else None
+
+    def _subjects_infotext(self, **where) -> str | None:
+        return self.summaries.get(image_index(**where))
+
+    def _plan(self, p, hires: bool) -> Plan | None:
         sd_model = p.sd_model
-        family = family_name(sd_model.forge_objects.unet.model.diffusion_model)
+        unet = sd_model.forge_objects.unet
+        family = family_name(unet.model.diffusion_model)
         if family is None:
             self.say(
                 p,
@@ -119,7 +190,6 @@ class Generation:
                 "generated without FreeFuse",
             )
             return None
-        hires = getattr(p, "is_hr_pass", False)
         batch_prompts = getattr(p, "hr_prompts", None) if hires else None
         prompts = list(dict.fromkeys(batch_prompts or p.prompts))
         if len(prompts) != 1:
@@ -141,7 +211,8 @@ class Generation:
         candidates, notes = forge_subjects.lora_candidates(tagged or prompt)
         for note in notes:
             self.say(p, note)
-        plan = forge_subjects.resolve(self.settings, tokens, candidates)
+        unusable = forge_subjects.without_denoiser_weights(unet, candidates)
+        plan = forge_subjects.resolve(self.settings, tokens, candidates, unusable)
         for note in plan.messages:
             self.say(p, note)
         if not plan.active:
@@ -156,7 +227,7 @@ class Generation:
             background_positions=background,
             n_txt_cond=tokens.n_txt,
             sigmas=sigmas.detach().float().cpu(),
-            masks=reuse,
+            masks=self.pass_masks if hires else None,
         )
 
     def _add_pictures(self, p, images: torch.Tensor, masks, labels: list[str]) -> None:

@@ -109,8 +109,25 @@ def background_positions(settings: FreeFuseSettings, tokens: PromptTokens, messa
     return None
 
 
-def resolve(settings: FreeFuseSettings, tokens: PromptTokens, candidates: list[LoraCandidate]) -> SubjectPlan:
+def without_denoiser_weights(unet, candidates: list[LoraCandidate]) -> dict[str, str]:
+    """filename -> reason, for the LoRAs that have no patch on this denoiser in Forge's ``lora_patches``.
+
+    Forge skips a LoRA made for another model ("LoRA version mismatch") and gives a text-encoder-only LoRA no
+    denoiser patch: FreeFuse cannot mask either, so they run as Forge runs them.
+    """
+    with_weights = {ident[0] for ident, patches in unet.lora_patches.items() if patches}
+    return {
+        c.filename: "Forge applied none of its weights to this model's denoiser (a LoRA made for another model, "
+        "or one that only changes the text encoder)"
+        for c in candidates
+        if c.filename not in with_weights
+    }
+
+
+def resolve(
+    settings: FreeFuseSettings, tokens: PromptTokens, candidates: list[LoraCandidate], unusable: dict[str, str]
+) -> SubjectPlan:
     def locate(phrase):
         return locate_phrase(tokens.pieces, phrase, sequence_positions=tokens.positions)
 
-    return resolve_subjects(candidates, settings.subjects, locate)
+    return resolve_subjects(candidates, settings.subjects, locate, unusable)

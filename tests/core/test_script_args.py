@@ -1,64 +1,96 @@
-"""Script arguments in both API forms, and XYZ overrides."""
+"""Script arguments in both API forms, "Values for", and XYZ overrides."""
 
-from freefuse.script_args import XYZ_AXES, settings_from_args
-from freefuse.settings import FreeFuseSettings, setting_names
+from freefuse.script_args import XYZ_AXES, positional_count, settings_from_args
+from freefuse.settings import FreeFuseSettings, family_knobs, setting_names
+
+
+def ui_values(family="flux", **changes):
+    """The accordion's values as Forge passes them: every setting in UI order, then "Values for"."""
+    return [*FreeFuseSettings.defaults(family).replace(**changes).to_dict().values(), family]
 
 
 def test_positional_args_follow_the_ui_order_and_missing_ones_default():
-    settings, problems = settings_from_args([True, "harry: harry_potter", "paper"])
-    assert problems == []
-    assert (settings.enabled, settings.subjects, settings.mask_method) == (
-        True,
-        "harry: harry_potter",
-        "paper",
-    )
+    parsed = settings_from_args([True, "harry: harry_potter", "paper"])
+    assert parsed.problems == [] and parsed.notes == []
+    settings = parsed.settings
+    assert (settings.enabled, settings.subjects, settings.mask_method) == (True, "harry: harry_potter", "paper")
     assert settings.schedule == "restart"
 
 
 def test_the_full_ui_list_round_trips():
     s = FreeFuseSettings.defaults("flux").replace(enabled=True, temperature=123.0)
-    settings, _ = settings_from_args(list(s.to_dict().values()))
-    assert settings == s
+    assert settings_from_args(ui_values(enabled=True, temperature=123.0)).settings == s
+    assert settings_from_args(list(s.to_dict().values())).settings == s  # without "Values for": FLUX
 
 
 def test_a_dict_replaces_the_positional_form_even_with_trailing_ui_defaults():
-    ui_defaults = list(FreeFuseSettings.defaults("flux").to_dict().values())[1:]
-    settings, problems = settings_from_args([{"enabled": True, "capture_step": 6}, *ui_defaults])
-    assert problems == [] and settings.capture_step == 6 and settings.enabled
+    parsed = settings_from_args([{"enabled": True, "capture_step": 6}, *ui_values()[1:]])
+    assert parsed.problems == [] and parsed.settings.capture_step == 6 and parsed.settings.enabled
 
 
 def test_bad_dicts_name_every_problem():
-    settings, problems = settings_from_args([{"enabled": True, "tempurature": 3, "top_k_ratio": 7}])
-    assert settings is None
-    assert any("unknown setting 'tempurature'" in p for p in problems)
-    assert any("top_k_ratio must be in (0, 1]" in p for p in problems)
+    parsed = settings_from_args([{"enabled": True, "tempurature": 3, "top_k_ratio": 7}])
+    assert parsed.settings is None
+    assert any("unknown setting 'tempurature'" in p for p in parsed.problems)
+    assert any("top_k_ratio must be in (0, 1]" in p for p in parsed.problems)
 
 
 def test_too_many_positional_args_are_refused():
-    settings, problems = settings_from_args([True] * (len(setting_names()) + 1))
-    assert settings is None and "positional arguments" in problems[0]
+    parsed = settings_from_args([True] * (positional_count() + 1))
+    assert parsed.settings is None and "positional arguments" in parsed.problems[0]
+
+
+def test_a_values_for_that_is_no_family_is_refused_while_on():
+    assert (
+        "values_for must be one of flux, sdxl"
+        in settings_from_args([*ui_values(enabled=True)[:-1], "sd15"]).problems[0]
+    )
+    assert settings_from_args([*ui_values()[:-1], "sd15"]).problems == []  # off: nothing to complain about
 
 
 def test_xyz_overrides_win_and_are_validated():
-    settings, _ = settings_from_args([True], overrides={"capture_step": "7", "mask_method": "paper"})
+    settings = settings_from_args([True], overrides={"capture_step": "7", "mask_method": "paper"}).settings
     assert (settings.capture_step, settings.mask_method) == (7, "paper")
-    settings, problems = settings_from_args([True], overrides={"enabled": "False"})
-    assert settings.enabled is False and problems == []
+    parsed = settings_from_args([True], overrides={"enabled": "False"})
+    assert parsed.settings.enabled is False and parsed.problems == []
     assert {name for _, name, _, _ in XYZ_AXES} <= set(setting_names())
 
 
-def test_on_sdxl_untouched_ui_values_take_the_sdxl_defaults_and_changed_ones_stay():
-    ui = FreeFuseSettings.defaults("flux").replace(enabled=True, top_k_ratio=0.2)
-    settings, problems = settings_from_args(list(ui.to_dict().values()), family="sdxl")
-    assert problems == []
-    assert settings == FreeFuseSettings.defaults("sdxl").replace(enabled=True, top_k_ratio=0.2)
+def test_values_for_the_model_family_are_used_exactly_even_when_they_equal_the_other_familys_defaults():
+    flux = FreeFuseSettings.defaults("flux")
+    chosen = {name: getattr(flux, name) for name in family_knobs()}  # an SDXL user picks FLUX's values
+    parsed = settings_from_args(ui_values("sdxl", enabled=True, **chosen), family="sdxl")
+    assert parsed.problems == [] and parsed.notes == []
+    assert parsed.settings == FreeFuseSettings.defaults("sdxl").replace(enabled=True, **chosen)
+    assert (parsed.settings.capture_step, parsed.settings.morphology, parsed.settings.temperature) == (4, True, 4000.0)
 
 
-def test_the_dict_form_on_sdxl_starts_from_the_sdxl_defaults():
-    settings, _ = settings_from_args([{"enabled": True, "temperature": 300}], family="sdxl")
-    assert (settings.capture_block, settings.capture_step, settings.temperature) == (3, 9, 300.0)
+def test_values_for_the_other_family_left_at_its_defaults_take_the_models_with_a_note():
+    parsed = settings_from_args(ui_values("flux", enabled=True, top_k_ratio=0.2, capture_step=6), family="sdxl")
+    assert parsed.settings == FreeFuseSettings.defaults("sdxl").replace(enabled=True, top_k_ratio=0.2, capture_step=6)
+    (note,) = parsed.notes
+    assert "set for FLUX but this is an SDXL model" in note
+    assert "temperature 4000.0 -> 1000.0" in note and "capture_block 18 -> 3" in note
+    assert "capture_step" not in note  # 6 was chosen: used as given
+    assert "'Values for' to SDXL" in note and 'send "sdxl"' in note
+
+
+def test_old_positional_calls_without_values_for_read_as_flux_values():
+    parsed = settings_from_args(ui_values("flux", enabled=True)[:-1], family="sdxl")
+    assert parsed.settings == FreeFuseSettings.defaults("sdxl").replace(enabled=True)
+    assert parsed.notes == [
+        "the values are set for FLUX but this is an SDXL model: the SDXL defaults are used; to choose them "
+        "yourself, set 'Values for' to SDXL (API: send \"sdxl\" as the last positional argument, or named settings)"
+    ]
+
+
+def test_the_dict_form_names_exactly_what_it_sets_and_starts_from_the_models_defaults():
+    parsed = settings_from_args([{"enabled": True, "temperature": 300, "capture_step": 4}], family="sdxl")
+    s = parsed.settings
+    assert (s.capture_block, s.capture_step, s.temperature, s.morphology) == (3, 4, 300.0, False)
+    assert parsed.notes == []
 
 
 def test_nothing_is_validated_while_freefuse_is_off():
-    settings, problems = settings_from_args([False, "", "official", "restart", True, 18, 4, 0.1, None])
-    assert problems == [] and settings.enabled is False
+    parsed = settings_from_args([False, "", "official", "restart", True, 18, 4, 0.1, None])
+    assert parsed.problems == [] and parsed.settings.enabled is False

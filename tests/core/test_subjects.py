@@ -85,3 +85,56 @@ def test_the_same_file_twice_is_one_candidate():
         locate,
     )
     assert [s.lora for s in plan.subjects] == ["harry_potter", "daiyu_lin"]
+
+
+# T5-style pieces of "watercolor painting of harry_potter and daiyu_lin"
+STYLE_PIECES = [
+    "▁water",
+    "color",
+    "▁painting",
+    "▁of",
+    "▁harry",
+    "_",
+    "pot",
+    "ter",
+    "▁and",
+    "▁dai",
+    "yu",
+    "_",
+    "l",
+    "in",
+]
+
+
+def locate_style(phrase):
+    return locate_phrase(STYLE_PIECES, phrase)
+
+
+STYLE_CANDIDATES = [
+    LoraCandidate("harry", "h", trigger_phrase="harry_potter"),
+    LoraCandidate("daiyu", "d", trigger_phrase="daiyu_lin"),
+    LoraCandidate("watercolor", "w"),
+]
+
+
+def test_a_lora_whose_name_is_a_prompt_word_is_a_subject_and_the_user_learns_how_to_keep_it_global():
+    plan = resolve_subjects(STYLE_CANDIDATES, "", locate_style)
+    assert [s.lora for s in plan.subjects] == ["harry", "daiyu", "watercolor"]
+    note = next(m for m in plan.messages if "'watercolor'" in m)
+    assert "its name is a word of the prompt" in note and "Subjects box" in note
+
+
+def test_once_the_subjects_box_names_subjects_a_lora_name_makes_no_subject():
+    plan = resolve_subjects(STYLE_CANDIDATES, "harry: harry_potter\ndaiyu: daiyu_lin", locate_style)
+    assert [s.lora for s in plan.subjects] == ["harry", "daiyu"]
+    assert plan.global_loras == ["watercolor"]
+    assert plan.active
+
+
+def test_a_lora_without_denoiser_weights_is_never_a_subject_and_says_why():
+    unusable = {"d": "Forge gave it no weights for this model's denoiser"}
+    plan = resolve_subjects(STYLE_CANDIDATES[:2], "", locate_style, unusable=unusable)
+    assert [s.lora for s in plan.subjects] == ["harry"]
+    assert plan.global_loras == ["daiyu"]
+    text = " ".join(plan.messages)
+    assert "LoRA 'daiyu' is not a subject: Forge gave it no weights" in text and "found 1" in text

@@ -223,7 +223,7 @@ def test_t5_resolve_picks_the_subjects_whose_phrases_are_in_the_prompt(engines):
         LoraCandidate("dl", "dl.safetensors", activation_text="daiyu_lin"),
         LoraCandidate("style", "style.safetensors", activation_text="watercolor"),
     ]
-    plan = forge_subjects.resolve(settings, tokens, candidates)
+    plan = forge_subjects.resolve(settings, tokens, candidates, {})
     assert [(s.lora, s.phrase, s.source) for s in plan.subjects] == [
         ("hp", "harry_potter", "subjects box"),
         ("dl", "daiyu_lin", "activation text"),
@@ -341,7 +341,7 @@ def test_clip_resolve_uses_positions_across_a_break(engines):
     tokens = forge_subjects.clip_tokens(engines.sd_model, prompt)
     settings = FreeFuseSettings.defaults("sdxl").replace(enabled=True, subjects="m: ohwx man\nw: daiyu_lin")
     plan = forge_subjects.resolve(
-        settings, tokens, [LoraCandidate("m", "m.safetensors"), LoraCandidate("w", "w.safetensors")]
+        settings, tokens, [LoraCandidate("m", "m.safetensors"), LoraCandidate("w", "w.safetensors")], {}
     )
     assert plan.active and not plan.global_loras
     ids, _ = _clip_rows(engines.clip_l, prompt)

@@ -24,6 +24,16 @@ class Component:
     def __init__(self, *args, **kwargs):
         self.kwargs = kwargs
         self.value = kwargs.get("value")
+        self.events: list[tuple[str, object, list, list]] = []  # (event, fn, inputs, outputs)
+
+    def _listen(self, event, fn, inputs=None, outputs=None, **kwargs):
+        self.events.append((event, fn, list(inputs or []), list(outputs or [])))
+
+    def change(self, fn=None, inputs=None, outputs=None, **kwargs):
+        self._listen("change", fn, inputs, outputs)
+
+    def input(self, fn=None, inputs=None, outputs=None, **kwargs):
+        self._listen("input", fn, inputs, outputs)
 
     def __enter__(self):
         return self
@@ -58,6 +68,10 @@ def _modules(state) -> dict[str, types.ModuleType]:
     callbacks = types.ModuleType("modules.script_callbacks")
     callbacks.on_before_ui = lambda fn: state.callbacks.setdefault("before_ui", []).append(fn)
     callbacks.on_script_unloaded = lambda fn: state.callbacks.setdefault("script_unloaded", []).append(fn)
+    callbacks.on_cfg_denoiser = lambda fn: state.callbacks.setdefault("cfg_denoiser", []).append(fn)
+
+    shared = types.ModuleType("modules.shared")
+    shared.opts = state.opts
 
     ui_components = types.ModuleType("modules.ui_components")
 
@@ -86,8 +100,9 @@ def _modules(state) -> dict[str, types.ModuleType]:
     networks.loaded_networks = state.loaded_networks
 
     modules.scripts, modules.script_callbacks, modules.ui_components = scripts, callbacks, ui_components
-    modules.prompt_parser, modules.extra_networks = prompt_parser, extra_networks
+    modules.prompt_parser, modules.extra_networks, modules.shared = prompt_parser, extra_networks, shared
     return {
+        "modules.shared": shared,
         "gradio": _gradio(),
         "modules": modules,
         "modules.scripts": scripts,
@@ -105,6 +120,7 @@ class WebuiState:
     callbacks: dict = field(default_factory=dict)
     loaded_networks: list = field(default_factory=list)
     user_metadata: dict = field(default_factory=dict)
+    opts: types.SimpleNamespace = field(default_factory=lambda: types.SimpleNamespace(forge_preset="flux"))
 
     def load_lora(self, name: str, filename: str, metadata: dict | None = None, activation_text: str = ""):
         """What networks.load_networks leaves behind for one <lora:name:w> tag."""

@@ -66,17 +66,31 @@ def generate(harness, webui, unet, args, *, prompt=PROMPT, batch=1, cfg=1.0, ste
     return p
 
 
+def entry(p, key, index=0, **where):
+    """An infotext entry of image ``index`` as Forge's create_infotext evaluates it (callables get its locals)."""
+    value = p.extra_generation_params.get(key)
+    if callable(value):
+        where = {"all_prompts": p.all_prompts, "use_main_prompt": False, **where}
+        return value(p=p, index=index, **where)
+    return value
+
+
 def subjects_line(p, index=0):
-    value = p.extra_generation_params.get("FreeFuse subjects")
-    return value(p=p, index=index, all_prompts=p.all_prompts) if callable(value) else value
+    return entry(p, "FreeFuse subjects", index)
+
+
+def recorded_settings(p, index=0):
+    text = entry(p, "FreeFuse", index)
+    return None if text is None else json.loads(text)
 
 
 def test_ui_returns_one_component_per_setting_in_settings_order(webui):
     script = webui.module.FreeFuseScript()
     components = script.ui(False)
-    assert len(components) == len(setting_names())
+    assert len(components) == len(setting_names()) + 1  # every setting, then "Values for"
     assert components[0].value is False  # the accordion is off by default
-    assert [c.value for c in components[1:]] == list(FreeFuseSettings.defaults("flux").to_dict().values())[1:]
+    assert [c.value for c in components[1:-1]] == list(FreeFuseSettings.defaults("flux").to_dict().values())[1:]
+    assert components[-1].value == "flux"
     assert len(script.infotext_fields) == len(components)
     assert script.show(True) is False and script.show(False) is webui.module.scripts.AlwaysVisible
 
@@ -89,7 +103,7 @@ def test_two_subjects_from_the_prompt_get_masks_a_picture_and_infotext(harness, 
     assert len(p.extra_result_images) == 1 and p.extra_result_images[0].size == (64, 64)
     line = subjects_line(p)
     assert line.startswith("A: harry_potter ") and ", B: daiyu_lin " in line and line.endswith("%")
-    assert json.loads(p.extra_generation_params["FreeFuse"]) == {
+    assert recorded_settings(p) == {
         "v": 1,
         "family": "flux",
         "capture_block": 1,
@@ -154,8 +168,45 @@ def test_infotext_paste_back_restores_every_setting(webui):
     chosen = FreeFuseSettings.defaults("flux").replace(enabled=True, mask_method="paper", temperature=300.0)
     params = {"FreeFuse": chosen.to_infotext("flux")}
     restored = [reader(params) if callable(reader) else params.get(reader) for _, reader in script.infotext_fields]
-    assert restored == list(chosen.to_dict().values())
+    assert restored == [*chosen.to_dict().values(), "flux"]
     assert script.infotext_fields[0][1]({}) is False  # no FreeFuse key: the accordion stays closed
+
+
+def test_a_pasted_sdxl_infotext_reproduces_its_values_even_where_they_equal_flux_defaults(webui):
+    from freefuse.script_args import settings_from_args
+
+    script = webui.module.FreeFuseScript()
+    script.ui(False)
+    flux = FreeFuseSettings.defaults("flux")
+    chosen = FreeFuseSettings.defaults("sdxl").replace(
+        enabled=True, morphology=True, capture_step=flux.capture_step, temperature=flux.temperature
+    )
+    params = {"FreeFuse": chosen.to_infotext("sdxl")}
+    restored = [reader(params) for _, reader in script.infotext_fields]
+    assert restored[-1] == "sdxl"  # "Values for" follows the recorded family
+    parsed = settings_from_args(restored, family="sdxl")
+    assert parsed.settings == chosen and parsed.notes == []
+
+
+def test_switching_values_for_fills_in_that_familys_defaults(webui):
+    from freefuse.settings import family_knobs
+
+    script = webui.module.FreeFuseScript()
+    components = script.ui(False)
+    values_for = components[-1]
+    ((event, fill, inputs, outputs),) = values_for.events
+    assert event == "input" and inputs == [values_for]  # user input only: a paste-back must not refill
+    by_name = dict(zip(setting_names(), components, strict=False))
+    assert outputs == [by_name[name] for name in family_knobs()]
+    sdxl = FreeFuseSettings.defaults("sdxl")
+    assert fill("sdxl") == [getattr(sdxl, name) for name in family_knobs()]
+
+
+def test_the_accordion_starts_with_sdxl_values_under_forges_xl_preset(webui):
+    webui.opts.forge_preset = "xl"
+    components = webui.module.FreeFuseScript().ui(False)
+    assert components[-1].value == "sdxl"
+    assert [c.value for c in components[1:-1]] == list(FreeFuseSettings.defaults("sdxl").to_dict().values())[1:]
 
 
 def test_xyz_axes_are_offered_and_override_the_ui(harness, webui, model):
@@ -170,7 +221,7 @@ def test_xyz_axes_are_offered_and_override_the_ui(harness, webui, model):
     dict(xyz.axis_options)["[FreeFuse] Capture step"](cell, 2, [1, 2])
     unet, both, loras = model
     p = generate(harness, webui, both, [ON], xyz=cell.freefuse_xyz)
-    assert json.loads(p.extra_generation_params["FreeFuse"])["capture_step"] == 2
+    assert recorded_settings(p)["capture_step"] == 2
 
 
 def test_script_reload_closes_a_session_left_open(harness, webui, model):
@@ -204,13 +255,14 @@ def test_sdxl_subjects_are_found_on_clip_chunks_and_get_masks(harness, webui, sd
     assert not p.comments, p.comments
     assert len(p.extra_result_images) == 1
     assert subjects_line(p).startswith("A: harry_potter ")
-    assert json.loads(p.extra_generation_params["FreeFuse"])["family"] == "sdxl"
+    assert recorded_settings(p)["family"] == "sdxl"
 
 
 def test_sdxl_untouched_ui_values_take_the_sdxl_defaults(harness, webui, sdxl_model):
     unet, both, loras = sdxl_model
     ui = list(FreeFuseSettings.defaults("flux").replace(enabled=True).to_dict().values())
     p = generate(harness, webui, both, ui, cfg=5.0, steps=10, n_txt=77)
-    assert not p.comments, p.comments
-    assert json.loads(p.extra_generation_params["FreeFuse"]) == {"v": 1, "family": "sdxl"}  # all SDXL defaults
+    (comment,) = p.comments
+    assert "set for FLUX but this is an SDXL model: the SDXL defaults are used" in comment
+    assert recorded_settings(p) == {"v": 1, "family": "sdxl"}  # all SDXL defaults
     assert len(p.extra_result_images) == 1
