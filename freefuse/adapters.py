@@ -21,6 +21,7 @@ the end of this file.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -83,6 +84,7 @@ class MaskedDelta:
         dtype: torch.dtype | None = None,
     ) -> None:
         factors, dense = list(factors), list(dense)
+        out_features = operator.index(out_features)  # a numpy integer from a quantised layer's shape too
         if out_features <= 0:
             raise ValueError(f"out_features must be positive, got {out_features}")
         for i, f in enumerate(factors):

@@ -138,11 +138,20 @@ def build_runtime_loras(
     module path like "double_blocks.0.img_attn.qkv" to its token layout or None when it cannot be masked;
     ``merge`` is Forge's ``merge_lora_to_weight`` (for the dense path). Returns the runtime deltas and the
     patches that must stay merged (re-added under new identifiers by the caller).
+
+    Every layer's delta is built and tried on a one-token input here, with the layer's logical shape: a layer
+    whose deltas cannot run (mismatched LoCon kernels, a shape the layer does not have) stays merged as Forge
+    runs it, with the reason, instead of failing inside sampling.
     """
-    per_module: dict[str, tuple[list, list[DenseDelta]]] = {}
+    per_module: dict[str, list[tuple[object, tuple, str, PatchEntry]]] = {}  # path -> (routed, ident, key, entry)
     keep: dict[tuple, dict] = {}
     result = RuntimeLoras()
     dense_bytes = 0
+
+    def stay_merged(ident: tuple, param_key: str, entry: PatchEntry) -> None:
+        kept_ident = (ident[0] + KEPT_SUFFIX, *ident[1:])
+        keep.setdefault(kept_ident, {}).setdefault(param_key, []).append(entry)
+
     for filename, idents in taken.items():
         for ident, patches in idents:
             for param_key, entries in patches.items():
@@ -153,27 +162,74 @@ def build_runtime_loras(
                 for entry in entries:
                     routed = _route(entry, owners[filename], layout, target, merge, dense_bytes)
                     if isinstance(routed, str):  # stays merged, under a new identifier, with the reason
-                        kept_ident = (ident[0] + KEPT_SUFFIX, *ident[1:])
-                        keep.setdefault(kept_ident, {}).setdefault(param_key, []).append(entry)
+                        stay_merged(ident, param_key, entry)
                         result.left_merged.append(f"{filename}: {inner}.{param} ({routed})")
                         continue
-                    factors, dense = per_module.setdefault(module_path, ([], []))
+                    per_module.setdefault(module_path, []).append((routed, ident, param_key, entry))
                     if isinstance(routed, DenseDelta):
-                        dense.append(routed)
                         dense_bytes += routed.weight.numel() * 4
-                    else:
-                        factors.append(routed)
-    for module_path, (factors, dense) in per_module.items():
+    for module_path, routed_entries in per_module.items():
         target = resolve_module(model, module_path)
         layout = layout_of(module_path.removeprefix("diffusion_model."))
-        if layout == "conv":
-            delta = MaskedConvDelta(factors, stride=target.stride, padding=target.padding, dilation=target.dilation)
-        else:
-            delta = MaskedDelta(_weight_shape(target)[0], factors, dense)
+        terms = [routed for routed, *_ in routed_entries]
+        try:
+            delta = _layer_delta(target, layout, terms)
+            _try_layer(delta, target, layout)
+        except (ValueError, RuntimeError, TypeError) as err:
+            for _, ident, param_key, entry in routed_entries:
+                stay_merged(ident, param_key, entry)
+            result.left_merged.append(f"{module_path.removeprefix('diffusion_model.')} ({err})")
+            continue
         result.layers.append(LayerAdapters(module_path, layout, delta))
-        result.nbytes += sum(f.down.numel() + f.up.numel() for f in factors) * 4
-        result.nbytes += sum(d.weight.numel() for d in dense) * 4
+        result.nbytes += sum(t.down.numel() + t.up.numel() for t in terms if not isinstance(t, DenseDelta)) * 4
+        result.nbytes += sum(t.weight.numel() for t in terms if isinstance(t, DenseDelta)) * 4
     return result, keep
+
+
+def _layer_delta(target, layout: str, terms: list) -> MaskedDelta | MaskedConvDelta:
+    """The fused runtime delta of one layer from its low-rank factors and dense deltas."""
+    if layout == "conv":
+        kernels = {tuple(t.down.shape[1:]) for t in terms}
+        if len(kernels) > 1:
+            raise ValueError(f"its subject LoCon factors have different kernels {sorted(kernels)}")
+        return MaskedConvDelta(terms, stride=target.stride, padding=target.padding, dilation=target.dilation)
+    factors = [t for t in terms if not isinstance(t, DenseDelta)]
+    dense = [t for t in terms if isinstance(t, DenseDelta)]
+    return MaskedDelta(_weight_shape(target)[0], factors, dense)
+
+
+def _try_layer(delta, target, layout: str) -> None:
+    """Run the delta once on a zero input of the layer's logical width; raises when it cannot run there."""
+    with torch.no_grad():
+        if layout == "conv":
+            x = torch.zeros(1, int(target.in_channels), 8, 8)  # [B, C_in, h, w]
+            y = delta(x)  # [B, C_out, h', w']
+            delta(x, torch.ones(1, delta.n_owners, *y.shape[-2:]))  # per-pixel weights as sampling gives them
+            expected = _conv_output_hw(target, 8)
+            if y.shape[1] != int(target.out_channels) or tuple(y.shape[-2:]) != expected:
+                raise ValueError(
+                    f"its LoCon factors give {y.shape[1]} channels of {tuple(y.shape[-2:])} pixels, the layer "
+                    f"{int(target.out_channels)} of {expected}"
+                )
+            return
+        out_features, in_features = _weight_shape(target)
+        weights = torch.ones(1, 1, max(delta.n_owners, 1))
+        delta.add_to(torch.zeros(1, 1, out_features), torch.zeros(1, 1, in_features), weights)
+
+
+def _conv_output_hw(conv, size: int) -> tuple[int, int]:
+    """The layer's own output size for a size x size input (its kernel, stride, padding, dilation)."""
+
+    def pair(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
+
+    if conv.padding == "same":
+        return size, size
+    padding = (0, 0) if conv.padding == "valid" else pair(conv.padding)
+    kernel, stride, dilation = pair(conv.kernel_size), pair(conv.stride), pair(conv.dilation)
+    return tuple(
+        (size + 2 * p - d * (k - 1) - 1) // s + 1 for k, s, p, d in zip(kernel, stride, padding, dilation, strict=True)
+    )
 
 
 def resolve_module(root, module_path: str):
@@ -210,11 +266,12 @@ def _weight_shape(module) -> torch.Size:
         return torch.Size()
     out_f, in_f = getattr(module, "out_features", None), getattr(module, "in_features", None)
     if out_f is not None and in_f is not None:
-        return torch.Size((out_f, in_f))
+        return torch.Size((int(out_f), int(in_f)))
     quant_state = getattr(weight, "quant_state", None)  # bitsandbytes 4-bit
     if quant_state is not None and getattr(quant_state, "shape", None) is not None:
-        return torch.Size(quant_state.shape)
-    return weight.shape  # GGUF parameters report their real shape
+        return torch.Size(int(n) for n in quant_state.shape)
+    # GGUF parameters report their real shape, in numpy integers (numpy turns uint64 + int into a float)
+    return torch.Size(int(n) for n in weight.shape)
 
 
 def _fits(factor, target) -> bool:
