@@ -69,11 +69,15 @@ def open_close(mask: Tensor, kernel: int = 2) -> Tensor:
     """Opening (erode, dilate) then closing (dilate, erode) of ``[B, h, w]`` bool masks.
 
     Removes foreground specks and fills background holes that no ``kernel`` x ``kernel`` square fits
-    into; the output has the input's size. The official code pads k//2 on every side, which for an even
-    k gives an (h+1) x (w+1) result that it nearest-resizes back, shifting the mask by half a pixel.
-    Here the windows are placed asymmetrically instead: erosion looks at the window starting at the
-    pixel, dilation at the window ending at it, which makes a true opening / closing with no shift.
-    Outside the grid counts as background: the mask is computed on a canvas with a (k-1)-pixel empty
+    into; the output has the input's size, in place. The official FreeFuse code pads k//2 on every side,
+    which for k = 2 gives an (h+1) x (w+1) result that it nearest-resizes back to h x w: each of its four
+    passes then reads the window [i-1, i], and one opening plus one closing moves its whole foreground by
+    +2 rows and +2 columns (measured on identical inputs: a block at rows 4-9, columns 5-10 comes out at
+    rows 6-11, columns 7-12; 32 pixels on FLUX at 1024x1024). It also never erodes from the top and left
+    borders and drops what is pushed past the bottom and right ones. Here the windows are placed
+    asymmetrically instead: erosion looks at the window starting at the pixel, dilation at the window
+    ending at it, which makes a true opening / closing with no shift, so FreeFuse's masks differ from the
+    official code's by exactly that shift. Outside the grid counts as background: the mask is computed on a canvas with a (k-1)-pixel empty
     margin (wide enough for the closing's dilation to spill into) and cropped back.
     """
     if mask.ndim != 3:
