@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import types
 
+import pytest
 import torch
 
 from freefuse.forge import session as sessions
@@ -209,3 +210,33 @@ def test_with_only_one_usable_subject_left_freefuse_steps_aside_and_says_why(har
     p = job.finish()
     assert "LoRA 'B' is not a subject" in comments(p) and "found 1" in comments(p)
     assert recorded_settings(p) is None and p.extra_result_images == []
+
+
+# ---------------------------------------------------------------------- a failed generation, then any other
+def _denoiser_params(unet, step):
+    """modules.script_callbacks.CFGDenoiserParams as CFGDenoiser.forward passes it (the fields FreeFuse reads)."""
+    sd_model = types.SimpleNamespace(forge_objects=types.SimpleNamespace(unet=unet))
+    denoiser = types.SimpleNamespace(inner_model=types.SimpleNamespace(inner_model=sd_model), step=step)
+    return types.SimpleNamespace(denoiser=denoiser, sampling_step=step)
+
+
+def test_the_step_callback_closes_what_a_failed_generation_left_before_another_tabs_model_runs(harness, webui, model):
+    unet, both, loras = model
+    attention = harness.flux_module.attention
+    job = Job(harness, webui, [ON])
+    p = job.start(both)
+
+    def first_pass(unet_, sigmas, x, cond, uncond):
+        p._sigmas = sigmas
+        p.sd_model.forge_objects.unet = unet_
+        job.script.process_before_every_sampling(p, ON)
+        return p.sd_model.forge_objects.unet
+
+    with pytest.raises(RuntimeError, match="interrupted"):  # Forge then reaches no postprocess callback
+        harness.sample(both, before_sampling=first_pass, steps=4, n_txt=N_TXT, raise_at_step=2)
+    left_open = sessions.active()
+    assert left_open is not None and harness.flux_module.attention is not attention
+    other = harness.make_flux_unet(seed=9)  # img2img, say, on another checkpoint: FreeFuse's script is not called
+    for callback in webui.callbacks["cfg_denoiser"]:
+        callback(_denoiser_params(other, 0))
+    assert sessions.active() is None and harness.flux_module.attention is attention
