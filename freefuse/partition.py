@@ -77,7 +77,8 @@ def open_close(mask: Tensor, kernel: int = 2) -> Tensor:
     borders and drops what is pushed past the bottom and right ones. Here the windows are placed
     asymmetrically instead: erosion looks at the window starting at the pixel, dilation at the window
     ending at it, which makes a true opening / closing with no shift, so FreeFuse's masks differ from the
-    official code's by exactly that shift. Outside the grid counts as background: the mask is computed on a canvas with a (k-1)-pixel empty
+    official code's by exactly that shift.
+    Outside the grid counts as background: the mask is computed on a canvas with a (k-1)-pixel empty
     margin (wide enough for the closing's dilation to spill into) and cropped back.
     """
     if mask.ndim != 3:

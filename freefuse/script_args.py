@@ -1,8 +1,9 @@
 """Script arguments -> FreeFuseSettings: the UI/API positional list, or one dict of named settings.
 
 Forge passes an AlwaysOn script its arguments positionally in UI order (A1111 convention); the API fills any
-missing trailing ones with the UI defaults. After the settings comes one more positional value, "Values for":
-the model family the values were written for ("flux" or "sdxl"; the accordion fills in that family's
+missing trailing ones with the UI defaults. The order is a contract, append-only (``positional_names``): the
+settings of version 0.1, then "Values for", then settings added later. "Values for" is the model family the
+values were written for ("flux" or "sdxl"; the accordion fills in that family's
 defaults). On a model of that family every value is used exactly as given. On a model of the other family,
 a family-dependent value still equal to its "Values for" default counts as not chosen and takes the model's
 default instead, and a note lists each such value. FreeFuse also accepts ``{"args": [{"enabled": true, ...}]}``:
@@ -52,9 +53,19 @@ class ParsedArgs:
     notes: list[str] = field(default_factory=list)
 
 
+VALUES_FOR = "values_for"
+_VALUES_FOR_AFTER = "token_exclusion"  # the last setting of version 0.1: "Values for" came next
+
+
+def positional_names() -> list[str]:
+    """The names of the positional arguments in order: the settings, with "values_for" after token_exclusion."""
+    names = setting_names()
+    cut = names.index(_VALUES_FOR_AFTER) + 1
+    return [*names[:cut], VALUES_FOR, *names[cut:]]
+
+
 def positional_count() -> int:
-    """How many positional arguments the script takes: every setting, then "Values for"."""
-    return len(setting_names()) + 1
+    return len(positional_names())
 
 
 def settings_from_args(
@@ -64,21 +75,18 @@ def settings_from_args(
 
     Nothing is validated while FreeFuse is off, so a stray value never bothers a user who is not using it.
     """
-    names = setting_names()
     notes: list[str] = []
     if args and isinstance(args[0], dict):
         data = dict(args[0])
     else:
-        if len(args) > positional_count():
+        names = positional_names()
+        if len(args) > len(names):
             return ParsedArgs(
                 None,
-                [
-                    f"got {len(args)} positional arguments; FreeFuse takes at most {positional_count()} "
-                    f"({', '.join(names)}, values_for)"
-                ],
+                [f"got {len(args)} positional arguments; FreeFuse takes at most {len(names)} ({', '.join(names)})"],
             )
         data = dict(zip(names, args, strict=False))
-        written_for = args[len(names)] if len(args) > len(names) else "flux"
+        written_for = data.pop(VALUES_FOR, "flux")
         if written_for not in FAMILIES:
             if _is_on(data, overrides):
                 return ParsedArgs(None, [f"values_for must be one of {', '.join(FAMILIES)}; got {written_for!r}"])

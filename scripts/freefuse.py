@@ -15,7 +15,7 @@ from modules.ui_components import InputAccordion
 from freefuse.forge import session as sessions
 from freefuse.forge.families import family_name
 from freefuse.forge.generation import Generation, tell
-from freefuse.script_args import FAMILY_LABELS, XYZ_AXES, settings_from_args
+from freefuse.script_args import FAMILY_LABELS, VALUES_FOR, XYZ_AXES, positional_names, settings_from_args
 from freefuse.settings import (
     BIAS_PRESETS,
     INFOTEXT_KEY,
@@ -135,16 +135,16 @@ class FreeFuseScript(scripts.Script):
                     c["token_exclusion"] = gr.Checkbox(**tip("token_exclusion"))
 
         names = list(defaults.to_dict())
-        assert list(c) == names, "UI order must be the settings order (the positional API depends on it)"
+        assert list(c) == names, "build the settings' components in settings order"
+        c[VALUES_FOR] = values_for
         knobs = family_knobs()
         values_for.input(_family_defaults, inputs=[values_for], outputs=[c[name] for name in knobs])
-        self.infotext_fields = (
-            [(c["enabled"], lambda d: INFOTEXT_KEY in d)]
-            + [(c[name], _from_infotext(name)) for name in names[1:]]
-            + [(values_for, _family_from_infotext)]
-        )
+        readers = {name: _from_infotext(name) for name in names[1:]}
+        readers.update(enabled=lambda d: INFOTEXT_KEY in d, values_for=_family_from_infotext)
+        order = positional_names()  # the positional API's order: a contract
+        self.infotext_fields = [(c[name], readers[name]) for name in order]
         self.paste_field_names = []
-        return [c[name] for name in names] + [values_for]
+        return [c[name] for name in order]
 
     # ------------------------------------------------------------------ Forge callbacks
     def process(self, p, *args):

@@ -1,12 +1,19 @@
 """Script arguments in both API forms, "Values for", and XYZ overrides."""
 
-from freefuse.script_args import XYZ_AXES, positional_count, settings_from_args
+from freefuse.script_args import XYZ_AXES, positional_count, positional_names, settings_from_args
 from freefuse.settings import FreeFuseSettings, family_knobs, setting_names
 
 
 def ui_values(family="flux", **changes):
     """The accordion's values as Forge passes them: every setting in UI order, then "Values for"."""
     return [*FreeFuseSettings.defaults(family).replace(**changes).to_dict().values(), family]
+
+
+def test_the_positional_order_is_a_contract_values_for_follows_token_exclusion():
+    names = positional_names()
+    cut = names.index("values_for")
+    assert names[:cut] == setting_names()[: setting_names().index("token_exclusion") + 1]
+    assert sorted(names[:cut] + names[cut + 1 :]) == sorted(setting_names())  # later settings come after it
 
 
 def test_positional_args_follow_the_ui_order_and_missing_ones_default():

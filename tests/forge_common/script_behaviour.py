@@ -87,7 +87,7 @@ def recorded_settings(p, index=0):
 def test_ui_returns_one_component_per_setting_in_settings_order(webui):
     script = webui.module.FreeFuseScript()
     components = script.ui(False)
-    assert len(components) == len(setting_names()) + 1  # every setting, then "Values for"
+    assert len(components) == len(setting_names()) + 1  # every setting, and "Values for" after Token exclusion
     assert components[0].value is False  # the accordion is off by default
     assert [c.value for c in components[1:-1]] == list(FreeFuseSettings.defaults("flux").to_dict().values())[1:]
     assert components[-1].value == "flux"
