@@ -3,12 +3,16 @@
 Image tokens in subject l's region are pushed away from the other subjects' text tokens (``-neg_scale``)
 and towards l's own tokens (``+pos_scale``); optionally l's text tokens are pushed towards l's region and
 away from everything else. Non-subject text tokens are never biased.
+
+The bias is built as ``BiasFactors`` (at most 2C rank-one terms), never as an L x L tensor unless the dense
+form is asked for.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -46,24 +50,41 @@ def _check_masks(masks: Tensor, subject_positions: Sequence[Sequence[int]]) -> T
     return masks.float()
 
 
-def _image_to_text(masks: Tensor, own: Tensor, *, neg_scale: float, pos_scale: float, positive: bool) -> Tensor:
-    """Image -> text block ``[B, N_img, T]`` (masks ``[B, C, N_img]``, own ``[C, T]``)."""
+@dataclass(frozen=True)
+class BiasFactors:
+    """A pre-softmax bias as a sum of rank-one terms: ``bias[b, i, j] = sum_r query[b, i, r] * key[b, j, r]``.
+
+    Every FreeFuse bias has this form with at most 2C terms (C subjects): region indicator x token weights,
+    and, bidirectionally, token indicator x region weights. In that form it rides in R extra query/key
+    channels of the attention call (freefuse.attention), and no L_q x L_k tensor is ever made.
+    """
+
+    query: Tensor  # [B, L_q, R] float32: per query position
+    key: Tensor  # [B, L_k, R] float32: per key position
+
+    @property
+    def rank(self) -> int:
+        return int(self.query.shape[-1])
+
+    def dense(self) -> Tensor:
+        """The bias as a dense ``[B, L_q, L_k]`` float32 tensor (the fallback path, and tests)."""
+        return self.query @ self.key.transpose(1, 2)
+
+
+def _token_weights(own: Tensor, *, neg_scale: float, pos_scale: float, positive: bool) -> Tensor:
+    """``[C, T]``: how an image token of subject c's region is biased towards each text token."""
     others = own.sum(dim=0, keepdim=True) - own  # [C, T]: tokens of every subject but c
-    weight = -neg_scale * others  # [C, T]
-    if positive:
-        weight = weight + pos_scale * own
-    return torch.einsum("bcn,ct->bnt", masks, weight)
+    weight = -neg_scale * others
+    return weight + pos_scale * own if positive else weight
 
 
-def _text_to_image(masks: Tensor, own: Tensor, *, neg_scale: float, pos_scale: float, positive: bool) -> Tensor:
-    """Text -> image block ``[B, T, N_img]``: subject c's tokens towards its region, away from the rest."""
-    row = -neg_scale * (1.0 - masks)  # [B, C, N_img]
-    if positive:
-        row = row + pos_scale * masks
-    return torch.einsum("ct,bcn->btn", own, row)
+def _region_weights(masks: Tensor, *, neg_scale: float, pos_scale: float, positive: bool) -> Tensor:
+    """``[B, C, N_img]``: how subject c's text tokens are biased towards each image token."""
+    row = -neg_scale * (1.0 - masks)
+    return row + pos_scale * masks if positive else row
 
 
-def joint_attention_bias(
+def joint_bias_factors(
     masks: Tensor,
     subject_positions: Sequence[Sequence[int]],
     n_txt: int,
@@ -72,25 +93,33 @@ def joint_attention_bias(
     pos_scale: float,
     positive: bool = True,
     bidirectional: bool = True,
-) -> Tensor:
-    """Bias ``[B, T+N_img, T+N_img]`` float32 for the FLUX joint sequence ``[text | image]``.
+) -> BiasFactors:
+    """Factors of the FLUX joint-sequence bias ``[text | image]`` (query and key positions both T + N_img).
 
     ``masks``: ``[B, C, N_img]`` in {0, 1}, image tokens row-major; ``subject_positions[c]``: subject c's
-    text positions. Text->text and image->image blocks are zero.
+    text positions. Image -> text: image token i in c's region gets ``+pos_scale`` on c's tokens and
+    ``-neg_scale`` on the other subjects' tokens; bidirectional adds text -> image: c's tokens get
+    ``+pos_scale`` on c's region and ``-neg_scale`` elsewhere. Text -> text and image -> image are zero.
     """
     masks = _check_masks(masks, subject_positions)  # [B, C, N_img]
-    batch, _, n_img = masks.shape
+    batch, n_subjects, n_img = masks.shape
     own = _own_tokens(subject_positions, n_txt, masks.device)  # [C, T]
     scales = {"neg_scale": neg_scale, "pos_scale": pos_scale, "positive": positive}
+    length = n_txt + n_img
+    query = masks.new_zeros(batch, length, n_subjects)
+    key = masks.new_zeros(batch, length, n_subjects)
+    query[:, n_txt:] = masks.transpose(1, 2)  # image rows of each region
+    key[:, :n_txt] = _token_weights(own, **scales).t()  # text columns
+    if not bidirectional:
+        return BiasFactors(query, key)
+    query_back = masks.new_zeros(batch, length, n_subjects)
+    key_back = masks.new_zeros(batch, length, n_subjects)
+    query_back[:, :n_txt] = own.t()  # each subject's text rows
+    key_back[:, n_txt:] = _region_weights(masks, **scales).transpose(1, 2)  # image columns
+    return BiasFactors(torch.cat([query, query_back], dim=-1), torch.cat([key, key_back], dim=-1))
 
-    bias = torch.zeros(batch, n_txt + n_img, n_txt + n_img, dtype=torch.float32, device=masks.device)
-    bias[:, n_txt:, :n_txt] = _image_to_text(masks, own, **scales)
-    if bidirectional:
-        bias[:, :n_txt, n_txt:] = _text_to_image(masks, own, **scales)
-    return bias
 
-
-def cross_attention_bias(
+def cross_bias_factors(
     masks: Tensor,
     subject_positions: Sequence[Sequence[int]],
     n_txt: int,
@@ -98,14 +127,25 @@ def cross_attention_bias(
     neg_scale: float,
     pos_scale: float,
     positive: bool = True,
-) -> Tensor:
-    """Image -> text bias ``[B, N_img, T]`` float32 for UNet cross-attention (SDXL)."""
+) -> BiasFactors:
+    """Factors of the image -> text bias of UNet cross-attention (SDXL): queries N_img, keys T."""
     masks = _check_masks(masks, subject_positions)  # [B, C, N_img]
     own = _own_tokens(subject_positions, n_txt, masks.device)  # [C, T]
-    return _image_to_text(masks, own, neg_scale=neg_scale, pos_scale=pos_scale, positive=positive)
+    weights = _token_weights(own, neg_scale=neg_scale, pos_scale=pos_scale, positive=positive)  # [C, T]
+    return BiasFactors(masks.transpose(1, 2).contiguous(), weights.t().expand(masks.shape[0], -1, -1).contiguous())
 
 
-def call_attention_bias(
+def joint_attention_bias(masks: Tensor, subject_positions: Sequence[Sequence[int]], n_txt: int, **scales) -> Tensor:
+    """Dense ``[B, T+N_img, T+N_img]`` float32 of ``joint_bias_factors`` (same arguments)."""
+    return joint_bias_factors(masks, subject_positions, n_txt, **scales).dense()
+
+
+def cross_attention_bias(masks: Tensor, subject_positions: Sequence[Sequence[int]], n_txt: int, **scales) -> Tensor:
+    """Dense ``[B, N_img, T]`` float32 of ``cross_bias_factors`` (same arguments)."""
+    return cross_bias_factors(masks, subject_positions, n_txt, **scales).dense()
+
+
+def call_bias_factors(
     layout: str,
     masks: Tensor,
     subject_positions: Sequence[Sequence[int]],
@@ -117,27 +157,32 @@ def call_attention_bias(
     pos_scale: float,
     positive: bool = True,
     bidirectional: bool = True,
-) -> Tensor:
-    """The bias of one model call: ``layout`` "joint" ([rows, T+N, T+N], FLUX) or "cross" ([rows, N, T], UNet).
+) -> BiasFactors:
+    """The bias of one model call: ``layout`` "joint" (FLUX) or "cross" (UNet), rows in the call's chunk order.
 
     ``masks`` [B, C, N_img]; positions are in the cond prompt of ``n_txt_cond`` tokens, repeated the way Forge
-    repeats a shorter cond up to the call's ``n_txt``; uncond chunks get no bias.
+    repeats a shorter cond up to the call's ``n_txt``; uncond chunks get no bias (zero query factors).
     """
     positions = [repeat_positions(p, n_txt_cond, n_txt) for p in subject_positions]
     scales = {"neg_scale": neg_scale, "pos_scale": pos_scale, "positive": positive}
     if layout == "joint":
-        per_image = joint_attention_bias(masks, positions, n_txt, bidirectional=bidirectional, **scales)
+        per_image = joint_bias_factors(masks, positions, n_txt, bidirectional=bidirectional, **scales)
     elif layout == "cross":
-        per_image = cross_attention_bias(masks, positions, n_txt, **scales)
+        per_image = cross_bias_factors(masks, positions, n_txt, **scales)
     else:
         raise ValueError(f"bias layout must be 'joint' or 'cross', got {layout!r}")
-    return bias_for_call(per_image, cond_or_uncond)
+    return BiasFactors(bias_for_call(per_image.query, cond_or_uncond), torch.cat([per_image.key] * len(cond_or_uncond)))
 
 
-def bias_for_call(bias: Tensor, cond_or_uncond: Sequence[int]) -> Tensor:
-    """Bias for one model call stacking ``len(cond_or_uncond)`` chunks of ``B_img`` rows.
+def call_attention_bias(*args, **kwargs) -> Tensor:
+    """Dense ``call_bias_factors`` (same arguments): [rows, T+N, T+N] (joint) or [rows, N, T] (cross)."""
+    return call_bias_factors(*args, **kwargs).dense()
 
-    Flag 0 (cond) chunks get ``bias`` (``[B_img, ...]``); flag 1 (uncond) chunks get zeros.
+
+def bias_for_call(per_image: Tensor, cond_or_uncond: Sequence[int]) -> Tensor:
+    """Per-image rows ``[B_img, ...]`` stacked for a call of ``len(cond_or_uncond)`` chunks of ``B_img`` rows.
+
+    Flag 0 (cond) chunks get ``per_image``; flag 1 (uncond) chunks get zeros.
     """
     if not cond_or_uncond:
         raise ValueError("cond_or_uncond is empty")
@@ -145,10 +190,10 @@ def bias_for_call(bias: Tensor, cond_or_uncond: Sequence[int]) -> Tensor:
     chunks = []
     for flag in cond_or_uncond:
         if flag == 0:
-            chunks.append(bias)
+            chunks.append(per_image)
         elif flag == 1:
             if zeros is None:
-                zeros = torch.zeros_like(bias)
+                zeros = torch.zeros_like(per_image)
             chunks.append(zeros)
         else:
             raise ValueError(f"cond_or_uncond entries must be 0 (cond) or 1 (uncond), got {flag!r}")

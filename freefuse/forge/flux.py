@@ -80,22 +80,21 @@ class FluxFamily:
         flux_module.attention = _attention(session, self, original, flux_module.apply_rope)
         session.add_restore(lambda: setattr(flux_module, "attention", original))
 
-    def bias(self, session, like: torch.Tensor) -> torch.Tensor | None:
-        """[rows, T + N, T + N] joint-attention bias for the current call and block, or None."""
+    def bias_grid(self, session) -> tuple[int, int] | None:
+        """The call's token grid when the block running now gets the joint-attention bias, else None."""
         kind, index = session.current_block or ("", -1)
         if index not in (self._bias_double if kind == "double" else self._bias_single):
             return None
-        return session.layout_bias("joint", session.call.grid_hw, like)
+        return session.call.grid_hw
 
 
-def biased_attention(apply_rope, q, k, v, pe, bias: torch.Tensor) -> torch.Tensor:
-    """Forge's attention (RoPE, then SDPA) with an additive pre-softmax bias.
+def biased_attention(session, apply_rope, q, k, v, pe, grid) -> torch.Tensor:
+    """Forge's attention (RoPE, then SDPA) with the session's joint bias.
 
-    q, k, v [B, H, L, D]; bias [B, L, L] (broadcast over heads); returns [B, L, H * D] like Forge's.
+    q, k, v [B, H, L, D] with L = T + N; returns [B, L, H * D] like Forge's ``attention``.
     """
     q, k = apply_rope(q, k, pe)
-    mask = bias.to(dtype=q.dtype, device=q.device).unsqueeze(1)
-    out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = session.bias.attend("joint", grid, q, k, v)  # [B, H, L, D]
     b, h, length, d = out.shape
     return out.transpose(1, 2).reshape(b, length, h * d)
 
@@ -118,10 +117,10 @@ def _attention(session, family: FluxFamily, original, apply_rope):
             out = original(q, k, v, pe)
             _capture(session, apply_rope, q, k, pe, out)
             return out
-        bias = session.attention_bias(family, q)
-        if bias is None:
+        grid = session.bias.grid(family)
+        if grid is None:
             return original(q, k, v, pe)
-        return biased_attention(apply_rope, q, k, v, pe, bias)
+        return biased_attention(session, apply_rope, q, k, v, pe, grid)
 
     return attention
 

@@ -103,23 +103,20 @@ class SdxlFamily:
         unet_module.attention_function = _attention(session, self, original)
         session.add_restore(lambda: setattr(unet_module, "attention_function", original))
 
-    def bias(self, session, like: torch.Tensor, grid=None) -> torch.Tensor | None:
-        """[rows, N_level, T] image->text bias at this transformer's grid, or None."""
-        if not self._bias_on or grid is None:
-            return None
-        return session.layout_bias("cross", grid, like)
+    def bias_grid(self, session, grid=None) -> tuple[int, int] | None:
+        """The grid of the transformer running now when its cross attention gets the bias, else None."""
+        return grid if self._bias_on else None
 
 
-def biased_cross_attention(q, k, v, heads: int, bias: torch.Tensor) -> torch.Tensor:
-    """Forge's cross attention (q [B, N, H*d], k/v [B, T, H*d]) with an additive bias [B, N, T]."""
+def biased_cross_attention(session, q, k, v, heads: int, grid) -> torch.Tensor:
+    """Forge's cross attention (q [B, N, H*d], k/v [B, T, H*d]) with the session's image->text bias."""
     b, n, inner = q.shape
     d = inner // heads
 
     def split(t):
         return t.view(b, -1, heads, d).transpose(1, 2)  # [B, H, L, d]
 
-    mask = bias.to(dtype=q.dtype, device=q.device).unsqueeze(1)  # [B, 1, N, T]
-    out = torch.nn.functional.scaled_dot_product_attention(split(q), split(k), split(v), attn_mask=mask)
+    out = session.bias.attend("cross", grid, split(q), split(k), split(v))  # [B, H, N, d]
     return out.transpose(1, 2).reshape(b, n, inner)
 
 
@@ -149,9 +146,9 @@ def _cross_hook(session, entering: bool):
 def _attention(session, family: SdxlFamily, original):
     def attention_function(q, k, v, heads, mask=None, *args, **kwargs):
         if session.live() and session.call is not None and session.in_cross and mask is None:
-            bias = session.attention_bias(family, q, grid=session.level_grid)
-            if bias is not None and bias.shape[1] == q.shape[1] and bias.shape[2] == k.shape[1]:
-                return biased_cross_attention(q, k, v, heads, bias)
+            grid = session.bias.grid(family, grid=session.level_grid)
+            if grid is not None and grid[0] * grid[1] == q.shape[1] and session.call.shape.n_txt == k.shape[1]:
+                return biased_cross_attention(session, q, k, v, heads, grid)
         return original(q, k, v, heads, mask, *args, **kwargs)
 
     return attention_function

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 
 from freefuse import call_weights as cw
-from freefuse.bias import call_attention_bias
 from freefuse.forge import hooks
+from freefuse.forge.attention_bias import SessionBias
 from freefuse.forge.families import detect_family
 from freefuse.forge.loras import (
     RuntimeLoras,
@@ -120,6 +120,7 @@ class Session:
         self.positions = [s.positions for s in plan.subjects]
         self._pattern = cw.exclusion_pattern(self.positions, plan.n_txt_cond) if self.settings.token_exclusion else None
         self._cache: dict = {}  # token weights and bias per call shape: built once, reused every step
+        self.bias = SessionBias(self)  # the attention bias: where it applies, its form
         self.open = False
         self.token = uuid.uuid4().hex  # travels in the clone's transformer_options; other models lack it
 
@@ -340,34 +341,6 @@ class Session:
         weights = weights.to(device=like.device, dtype=like.dtype)
         self._cache[key] = weights
         return weights
-
-    def attention_bias(self, family, like: torch.Tensor, **where) -> torch.Tensor | None:
-        """The family's attention bias for the current call, when the masks and settings call for one."""
-        call = self.call
-        if call is None or call.mode != cw.MASKED or not self.settings.attention_bias:
-            return None
-        return family.bias(self, like, **where)
-
-    def layout_bias(self, layout: str, grid: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
-        """The "joint" or "cross" bias of the current call at an image grid, built once and reused."""
-        call, settings = self.call, self.settings
-
-        def build():
-            bias = call_attention_bias(
-                layout,
-                self.masks_at(grid).masks.flatten(2),
-                self.positions,
-                self.plan.n_txt_cond,
-                call.shape.n_txt,
-                call.shape.cond_or_uncond,
-                neg_scale=settings.bias_scale,
-                pos_scale=settings.bias_positive_scale,
-                positive=settings.bias_positive,
-                bidirectional=settings.bias_bidirectional,
-            )
-            return bias.to(like.device, like.dtype)
-
-        return self.cached((layout, "bias", call.shape, tuple(grid), like.dtype, like.device), build)
 
     # ------------------------------------------------------------------ capture
     def on_capture(self, capture: Capture) -> None:

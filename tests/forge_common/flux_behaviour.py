@@ -51,10 +51,10 @@ def _image_only(lora):
 class Runner:
     """Sample once with FreeFuse installed through ``before_sampling``, the way the script does it."""
 
-    def __init__(self, harness, settings, subjects, masks=None, keep_open=False, grid_of=None):
+    def __init__(self, harness, settings, subjects, masks=None, keep_open=False, grid_of=None, bias_form=None):
         self.harness, self.settings, self.subjects = harness, settings, subjects
         self.grid_of = grid_of or (lambda x: ((x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2))  # FLUX tokens
-        self.masks, self.keep_open = masks, keep_open
+        self.masks, self.keep_open, self.bias_form = masks, keep_open, bias_form
         self.session: Session | None = None
         self.calls: list[tuple[int, str]] = []
         self.grids: list[tuple[int, int]] = []  # the token grid of each model call
@@ -73,6 +73,8 @@ class Runner:
             masks=masks,
         )
         self.session = Session(plan)
+        if self.bias_form is not None:
+            self.session.bias.form = self.bias_form
         patched = self.session.install(unet)
         assert patched is not unet, self.session.messages
         dm = patched.model.diffusion_model

@@ -1,0 +1,82 @@
+"""The attention bias of one FreeFuse session: where it applies, its factors per call, and which form runs.
+
+The maths is the core's (freefuse.bias builds the factors, freefuse.attention runs attention with them); this
+file picks the call's rows, text length and image grid, caches per call shape, and falls back from the channels
+form to the dense mask once, with a message, if the attention call refuses the wider head dimension.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from freefuse import call_weights as cw
+from freefuse.attention import attention_bias_channels, attention_bias_dense, padded_head_dim
+from freefuse.bias import BiasFactors, call_bias_factors
+
+log = logging.getLogger("freefuse")
+FORMS = ("channels", "dense")
+
+
+class SessionBias:
+    def __init__(self, session, form: str = "channels"):
+        self.session = session
+        self.form = form  # "channels" (no L x L tensor) or "dense" (the fallback)
+        self._said = False
+
+    def grid(self, family, **where) -> tuple[int, int] | None:
+        """The image grid the current call's bias applies at, or None where no bias applies."""
+        session = self.session
+        call = session.call
+        if call is None or call.mode != cw.MASKED or not session.settings.attention_bias:
+            return None
+        return family.bias_grid(session, **where)
+
+    def attend(self, layout: str, grid: tuple[int, int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Attention of q ``[B, H, L_q, D]`` over k, v ``[B, H, L_k, D]`` with the current call's bias."""
+        factors = self._factors(layout, grid, q.device)
+        if self.form == "channels":
+            try:
+                out = attention_bias_channels(q, k, v, factors)
+                self._say_once(
+                    f"attention bias as {factors.rank} extra channels "
+                    f"(head dim {q.shape[-1]} -> {padded_head_dim(q.shape[-1], factors.rank)})"
+                )
+                return out
+            except RuntimeError as err:
+                self.form = "dense"
+                self.session.messages.append(
+                    f"the attention bias ran as a dense mask (the attention call refused extra channels: {err})"
+                )
+        dense = self.session.cached((layout, "dense bias", self._shape(grid), q.device), factors.dense)
+        return attention_bias_dense(q, k, v, dense)
+
+    def _factors(self, layout: str, grid: tuple[int, int], device) -> BiasFactors:
+        session, settings = self.session, self.session.settings
+        call = session.call
+
+        def build():
+            factors = call_bias_factors(
+                layout,
+                session.masks_at(grid).masks.flatten(2),
+                session.positions,
+                session.plan.n_txt_cond,
+                call.shape.n_txt,
+                call.shape.cond_or_uncond,
+                neg_scale=settings.bias_scale,
+                pos_scale=settings.bias_positive_scale,
+                positive=settings.bias_positive,
+                bidirectional=settings.bias_bidirectional,
+            )
+            return BiasFactors(factors.query.to(device), factors.key.to(device))
+
+        return session.cached((layout, "bias factors", self._shape(grid), device), build)
+
+    def _shape(self, grid):
+        return self.session.call.shape, tuple(grid)
+
+    def _say_once(self, what: str) -> None:
+        if not self._said:
+            self._said = True
+            log.info("FreeFuse: %s", what)
