@@ -9,17 +9,13 @@ Shapes (C = 2 subjects, batch 1 = the cond row):
 * SDXL 1024x1024, output_blocks.0 (32x32): N_img 1024, T 77, 20 heads x 64, o_img 1280; official with the
   text-axis softmax, scale 1/sqrt(64), tau 1000, no background; paper with image->text rows.
 
-Wall time is the median of the repeats after one warm-up call. Peak memory: on CUDA
-``torch.cuda.max_memory_allocated`` minus the memory held before the call; on CPU the rise of the process's
-peak resident set (VmHWM in /proc/self/status, reset through /proc/self/clear_refs before each call) over
-the resident set before the call. The CPU number therefore counts every allocation the call touches
-(torch's and the allocator's), not Python objects only.
+Wall time is the median of the repeats after one warm-up call. Peak memory as benchmarks/memory.py measures it
+(CUDA's peak counter; on the CPU the rise of the peak resident set during one call).
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import sys
 import time
@@ -29,6 +25,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from memory import PeakMemory  # noqa: E402
 
 from freefuse.maps import official_similarity_maps, paper_similarity_maps  # noqa: E402
 from freefuse.masks import FLUX, SDXL, Capture, compute_masks  # noqa: E402
@@ -43,26 +42,7 @@ SUBJECTS = [list(range(10, 18)), list(range(30, 36))]  # 8 and 6 concept tokens
 EOS = [60]
 
 
-def _proc_status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
-
-
-def _reset_peak_rss() -> bool:
-    """Hand freed heap memory back to the OS (glibc malloc_trim), then reset VmHWM to the current RSS."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def _measure(fn: Callable[[], object], device: str, repeats: int) -> tuple[float, float | None]:
+def measure(fn: Callable[[], object], device: str, repeats: int) -> tuple[float, float | None]:
     """(median seconds, peak extra MiB or None when it cannot be measured)."""
     fn()  # warm-up
     times = []
@@ -74,23 +54,12 @@ def _measure(fn: Callable[[], object], device: str, repeats: int) -> tuple[float
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-    if device == "cuda":
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    with PeakMemory(device) as peak:
         fn()
-        torch.cuda.synchronize()
-        peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-    elif _reset_peak_rss():
-        before = _proc_status_kib("VmRSS")
-        fn()
-        peak = (_proc_status_kib("VmHWM") - before) / 1024
-    else:
-        peak = None
-    return statistics.median(times), peak
+    return statistics.median(times), None if peak.bytes is None else peak.bytes / 2**20
 
 
-def _inputs(name: str, device: str, dtype: torch.dtype) -> dict[str, object]:
+def inputs(name: str, device: str, dtype: torch.dtype) -> dict[str, object]:
     grid, n_txt, heads, dim, features = SHAPES[name]
     n_img = grid[0] * grid[1]
     gen = torch.Generator().manual_seed(0)
@@ -109,7 +78,7 @@ def _inputs(name: str, device: str, dtype: torch.dtype) -> dict[str, object]:
     )
 
 
-def _mask_cases(name: str, x: dict[str, object]) -> dict[str, Callable[[], object]]:
+def mask_cases(name: str, x: dict[str, object]) -> dict[str, Callable[[], object]]:
     """Maps + partition through freefuse.masks.compute_masks, with the family's default settings."""
     family, traits = ("flux", FLUX) if name.startswith("FLUX") else ("sdxl", SDXL)
     capture = Capture(
@@ -127,11 +96,11 @@ def _mask_cases(name: str, x: dict[str, object]) -> dict[str, Callable[[], objec
     }
 
 
-def _cases(name: str, x: dict[str, object]) -> dict[str, Callable[[], object]]:
-    return {**_map_cases(name, x), **_mask_cases(name, x)}
+def cases(name: str, x: dict[str, object]) -> dict[str, Callable[[], object]]:
+    return {**map_cases(name, x), **mask_cases(name, x)}
 
 
-def _map_cases(name: str, x: dict[str, object]) -> dict[str, Callable[[], object]]:
+def map_cases(name: str, x: dict[str, object]) -> dict[str, Callable[[], object]]:
     if name.startswith("FLUX"):
         return {
             "official": lambda: official_similarity_maps(
@@ -178,8 +147,8 @@ def main() -> None:
     for device in devices:
         repeats = {"cpu": 3 if args.quick else 10, "cuda": 10 if args.quick else 50}[device]
         for name in SHAPES:
-            x = _inputs(name, device, dtype)
-            results = {method: _measure(fn, device, repeats) for method, fn in _cases(name, x).items()}
+            x = inputs(name, device, dtype)
+            results = {method: measure(fn, device, repeats) for method, fn in cases(name, x).items()}
             base = results["official"][0]
             for method, (seconds, peak) in results.items():
                 peak_text = f"{peak:9.1f}" if peak is not None else f"{'n/a':>9}"

@@ -31,8 +31,8 @@ __all__ = ["FORGE_FLAGS", "ForgeHarness", "LoraFile", "import_forge", "simple_si
 FORGE_FLAGS = ("--always-cpu", "--attention-pytorch")
 
 
-def import_forge(forge_dir: str | Path) -> SimpleNamespace:
-    """Import Forge's backend from a checkout, on the CPU.
+def import_forge(forge_dir: str | Path, flags: tuple[str, ...] = FORGE_FLAGS) -> SimpleNamespace:
+    """Import Forge's backend from a checkout, on the CPU (or with other backend ``flags``, e.g. on a GPU).
 
     `backend.args` parses sys.argv once, at import, so the flags are put there for the import only.
     """
@@ -44,7 +44,7 @@ def import_forge(forge_dir: str | Path) -> SimpleNamespace:
             sys.path.insert(0, str(path))
 
     saved_argv = sys.argv
-    sys.argv = [saved_argv[0] if saved_argv else "forge", *FORGE_FLAGS]
+    sys.argv = [saved_argv[0] if saved_argv else "forge", *flags]
     try:
         import backend.args as forge_args
         import backend.memory_management as memory_management
@@ -60,8 +60,8 @@ def import_forge(forge_dir: str | Path) -> SimpleNamespace:
     finally:
         sys.argv = saved_argv
 
-    if not forge_args.args.always_cpu:
-        raise RuntimeError("backend.args was parsed before the harness could pass --always-cpu")
+    if forge_args.args.always_cpu != ("--always-cpu" in flags):
+        raise RuntimeError(f"backend.args was parsed before the harness could pass {' '.join(flags)}")
     return SimpleNamespace(
         root=root,
         flux=flux,
@@ -82,8 +82,10 @@ class ForgeHarness(Harness):
 
     name = "forge"
 
-    def __init__(self, forge_dir: str | Path):
-        self.forge = import_forge(forge_dir)
+    def __init__(self, forge_dir: str | Path, device: str | None = None):
+        """``device`` None: Forge on the CPU (the tests); "cuda": Forge on the GPU, weights drawn there."""
+        self.device = device
+        self.forge = import_forge(forge_dir, FORGE_FLAGS if device in (None, "cpu") else ("--attention-pytorch",))
         self.flux_module: ModuleType = self.forge.flux  # backend.nn.flux
         self.unet_module: ModuleType = self.forge.unet_nn  # backend.nn.unet (module-level attention_function)
         self._lora: ModuleType = self.forge.lora  # backend.patcher.lora
@@ -101,12 +103,12 @@ class ForgeHarness(Harness):
     @one_thread()
     def _build_flux_unet(self, config: dict, seed: int, dtype: torch.dtype):
         """Built and wrapped the way backend/loader.py and diffusion_engine/flux.py do (harness_flux.py)."""
-        return harness_flux.build_flux_unet(self.forge, config, seed, dtype)
+        return harness_flux.build_flux_unet(self.forge, config, seed, dtype, self.device)
 
     @one_thread()
     def _build_sdxl_unet(self, config: dict, seed: int, dtype: torch.dtype):
         """Built and wrapped the way backend/loader.py and diffusion_engine/sdxl.py do (harness_sdxl.py)."""
-        return harness_sdxl.build_sdxl_unet(self.forge, config, seed, dtype)
+        return harness_sdxl.build_sdxl_unet(self.forge, config, seed, dtype, self.device)
 
     @one_thread()
     def _sample(self, unet, steps, cfg, batch, height, width, n_txt, seed, before_sampling, on_step, raise_at_step):
@@ -122,6 +124,8 @@ class ForgeHarness(Harness):
             cfg=cfg,
             seed=seed,
         )
+        if self.device not in (None, "cpu"):
+            noise = noise.to(self.device)  # the conds follow x's device (Condition.process_cond)
         cond = PromptConds(cond)
         uncond = None if uncond is None else PromptConds(uncond)
 

@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import torch
 
-from tests.forge_common.harness_conventions import random_weights
+from tests.forge_common.harness_conventions import fill_random_, random_weights
 
 
 class PromptConds(dict):
@@ -33,10 +33,20 @@ def parameter_shapes(make_model: Callable[[], torch.nn.Module]) -> dict[str, tor
         return {k: v.shape for k, v in make_model().state_dict().items()}
 
 
-def build_like_loader(forge, make_model: Callable[[], torch.nn.Module], config: dict, seed: int, dtype: torch.dtype):
+def build_like_loader(
+    forge,
+    make_model: Callable[[], torch.nn.Module],
+    config: dict,
+    seed: int,
+    dtype: torch.dtype,
+    device: str | None = None,
+):
     """A diffusion model built as backend/loader.py builds a UNet/transformer component: devices from
     memory_management, layers from `using_forge_operations`, `load_state_dict`, the config and the
-    dtype/device attributes that KModel and the patcher read. Weights from `random_weights`."""
+    dtype/device attributes that KModel and the patcher read. Weights from `random_weights`, or, with a
+    `device` (a full-size model on a GPU), drawn there with the same distributions."""
+    if device not in (None, "cpu"):
+        return _build_on_device(forge, make_model, config, seed, dtype, device)
     weights = random_weights(parameter_shapes(make_model), seed, dtype)
     mm = forge.memory_management
     load_device = mm.get_torch_device()
@@ -61,4 +71,23 @@ def build_like_loader(forge, make_model: Callable[[], torch.nn.Module], config: 
     dm.load_device = load_device
     dm.initial_device = initial_device
     dm.offload_device = offload_device
+    return dm
+
+
+def _build_on_device(forge, make_model, config: dict, seed: int, dtype: torch.dtype, device: str):
+    """Forge's layers made on `device` in `dtype`, every parameter drawn in place there (random_weights'
+    distributions, other numbers), so a 12B model needs no host copy."""
+    with forge.operations.using_forge_operations(device=device, dtype=dtype, manual_cast_enabled=False):
+        dm = make_model().to(device=device, dtype=dtype)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for key, param in dm.named_parameters():
+            fill_random_(key, param, gen)
+    if hasattr(dm, "_internal_dict"):
+        dm._internal_dict = config
+    else:
+        dm.config = config
+    dm.storage_dtype = dm.computation_dtype = dtype
+    dm.load_device = dm.initial_device = torch.device(device)
+    dm.offload_device = forge.memory_management.unet_offload_device()
     return dm

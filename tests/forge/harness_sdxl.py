@@ -25,12 +25,12 @@ def bundled_scheduler(forge):
     return scheduler
 
 
-def build_sdxl_unet(forge, config: dict, seed: int, dtype: torch.dtype):
+def build_sdxl_unet(forge, config: dict, seed: int, dtype: torch.dtype, device: str | None = None):
     """The UNet as backend/loader.py builds it (`from_config` under Forge's operations, then
     load_state_dict), wrapped as diffusion_engine/sdxl.py does: UnetPatcher.from_model with the diffusers
     scheduler, so KModel picks its predictor with k_prediction_from_diffusers_scheduler (EPS Prediction)."""
     model_cls = forge.unet_nn.IntegratedUNet2DConditionModel
-    dm = build_like_loader(forge, lambda: model_cls.from_config(config), config, seed, dtype)
+    dm = build_like_loader(forge, lambda: model_cls.from_config(config), config, seed, dtype, device)
     estimated_config = SimpleNamespace(
         huggingface_repo=SDXL_REPO, unet_config=config, model_type=SimpleNamespace(name="EPS")
     )

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -59,9 +60,10 @@ class LoraFile:
 
 @contextlib.contextmanager
 def one_thread() -> Iterator[None]:
-    """One intra-op thread: on tensors this small, thread hand-offs cost ~10x the maths."""
+    """One intra-op thread: on tensors this small, thread hand-offs cost ~10x the maths. Benchmarks at full
+    size set FREEFUSE_HARNESS_THREADS to use more."""
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("FREEFUSE_HARNESS_THREADS", "1")))
     try:
         yield
     finally:
@@ -74,6 +76,17 @@ def one_thread() -> Iterator[None]:
 def weight_std(fan_in: int) -> float:
     """Std of a random weight with `fan_in` inputs (in_features, or in_channels * kernel area)."""
     return min(0.1, max(0.02, 0.5 / math.sqrt(fan_in)))
+
+
+def fill_random_(key: str, param: torch.Tensor, gen: torch.Generator) -> None:
+    """Draw one parameter in place on its own device, with random_weights' distribution for ``key``."""
+    param.normal_(generator=gen)
+    if key.endswith(".scale") or (key.endswith(".weight") and param.ndim == 1):  # norm scales
+        param.mul_(0.1).add_(1.0)
+    elif key.endswith(".bias"):
+        param.mul_(0.02)
+    else:
+        param.mul_(weight_std(math.prod(param.shape[1:])))
 
 
 def random_weights(shapes: dict[str, torch.Size], seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
