@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import json
 import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 from freefuse.bias import block_spec_problem
+from freefuse.infotext import decode_settings, encode_settings
 
 Family = Literal["flux", "sdxl"]
 FAMILIES: tuple[str, ...] = ("flux", "sdxl")
@@ -28,7 +28,6 @@ BIAS_PRESETS: tuple[str, ...] = (
 )
 
 INFOTEXT_KEY = "FreeFuse"
-INFOTEXT_VERSION = 1
 
 
 class SettingsError(ValueError):
@@ -39,84 +38,191 @@ class SettingsError(ValueError):
         super().__init__("FreeFuse settings: " + "; ".join(self.problems))
 
 
-def _knob(default: Any, help: str, **family_defaults: Any) -> Any:
-    """A dataclass field with a tooltip and optional per-family defaults (``flux=..., sdxl=...``)."""
-    return field(default=default, metadata={"help": help, "family": family_defaults})
+GROUPS: tuple[tuple[str, str], ...] = (  # (key, heading) in the order the accordion shows them
+    ("main", ""),
+    ("capture", "Capture"),
+    ("official", "Official method"),
+    ("paper", "Paper method"),
+    ("background", "Background"),
+    ("bias", "Attention bias"),
+    ("tokens", "Token exclusion"),
+)
+
+
+def _knob(
+    default: Any,
+    label: str,
+    help: str,
+    *,
+    group: str,
+    bounds: tuple[float, float] | None = None,
+    step: float | None = None,
+    slider: bool = False,
+    choices: tuple[str, ...] | None = None,
+    **family_defaults: Any,
+) -> Any:
+    """A setting: its default, its label and one line of help for the accordion, its group, and for numbers
+    the inclusive ``bounds`` (the only values validation accepts, and the UI's range), the UI ``step`` and
+    whether it is a slider; optional per-family defaults (``sdxl=...``)."""
+    metadata = {
+        "label": label,
+        "help": help,
+        "group": group,
+        "bounds": bounds,
+        "step": step,
+        "slider": slider,
+        "choices": choices,
+        "family": family_defaults,
+    }
+    return field(default=default, metadata=metadata)
 
 
 @dataclass(frozen=True)
 class FreeFuseSettings:
+    # The field order is the positional API's order (with "Values for" after token_exclusion): append only.
     # --- main
-    enabled: bool = _knob(False, "Turn FreeFuse on for this generation.")
+    enabled: bool = _knob(False, "FreeFuse", "Turn FreeFuse on for this generation.", group="main")
     subjects: str = _knob(
-        "",
-        "Optional. One line per subject LoRA, 'lora name: trigger phrase'. Empty: every <lora:...> whose "
-        "trigger phrase appears in the prompt is a subject.",
+        "", "Subjects", "Optional: one 'lora name: trigger phrase' line per subject LoRA.", group="main"
     )
     mask_method: str = _knob(
         "official",
-        "official: contrastive cross-attention + concept attention + balanced argmax (what the FreeFuse code "
-        "runs). paper: sink filter + self-attention rows + superpixel voting (what the paper describes).",
+        "Mask method",
+        "official: what the FreeFuse code runs; paper: what the paper describes.",
+        group="main",
+        choices=MASK_METHODS,
     )
     schedule: str = _knob(
         "restart",
-        "restart: a few extra model evaluations without the subject LoRAs find the masks, then sampling starts "
-        "over with masks from step 0. continue: masks found during sampling, applied from the next step.",
+        "When masks are computed",
+        "restart: extra evaluations first, masks from step 0; continue: during sampling, no extra cost.",
+        group="main",
+        choices=SCHEDULES,
     )
-    show_masks: bool = _knob(True, "Add a picture of the subject masks to the output.")
+    show_masks: bool = _knob(True, "Show masks in output", "Add a picture of the subject masks.", group="main")
     # --- capture
     capture_block: int = _knob(
         18,
-        "Which transformer block's attention the masks come from (FLUX: double block index, 0-18; SDXL: "
-        "transformer index inside output_blocks.0).",
+        "Capture block",
+        "Block whose attention gives the masks (FLUX: double block; SDXL: output_blocks.0 transformer).",
+        group="capture",
+        bounds=(0, 18),
+        step=1,
+        slider=True,
         sdxl=3,
     )
-    capture_step: int = _knob(4, "0-based sampling step at which the masks are captured.", sdxl=9)
-    # --- official mask method
-    top_k_ratio: float = _knob(0.1, "Fraction of image tokens used as each subject's core (official method).")
-    temperature: float = _knob(
-        4000.0, "Softmax temperature of the concept-attention map; larger is flatter.", sdxl=1000.0
+    capture_step: int = _knob(
+        4,
+        "Capture step",
+        "Sampling step (from 0) the masks are taken at; below the number of steps.",
+        group="capture",
+        bounds=(0, 150),
+        step=1,
+        slider=True,
+        sdxl=9,
     )
+    # --- official mask method
+    top_k_ratio: float = _knob(
+        0.1, "Core share", "Share of image tokens that form each subject's core.", group="official",
+        bounds=(0.01, 1.0), step=0.01, slider=True,
+    )  # fmt: skip
+    temperature: float = _knob(
+        4000.0, "Temperature", "Softmax temperature of the concept map; larger is flatter.", group="official",
+        bounds=(1.0, 100000.0), step=100.0, sdxl=1000.0,
+    )  # fmt: skip
     background: str = _knob(
-        "",
-        "Optional phrase from the prompt that describes the background; its tokens form the background channel.",
+        "", "Background phrase", "Optional words of the prompt that describe the background.", group="background"
     )
     eos_background: bool = _knob(
-        True,
-        "With no background phrase, use the end-of-prompt token as the background channel (FLUX/T5 only).",
+        True, "EOS as background", "Without a background phrase, the end-of-prompt token is the background.",
+        group="background", sdxl=False,
+    )  # fmt: skip
+    bg_scale: float = _knob(
+        0.95, "Background scale", "Weight of the background; larger gives more background.", group="background",
+        bounds=(0.1, 3.0), step=0.01, slider=True,
+    )  # fmt: skip
+    morphology: bool = _knob(
+        True, "Smooth masks", "Open/close the subjects' area to remove specks and holes.", group="background",
         sdxl=False,
-    )
-    bg_scale: float = _knob(0.95, "Weight of the background channel; larger gives more background.")
-    morphology: bool = _knob(True, "Open/close the foreground mask to remove specks and holes.", sdxl=False)
+    )  # fmt: skip
     # --- balanced argmax (official method)
-    balance_iterations: int = _knob(15, "Iterations of the balanced argmax.")
-    balance_lr: float = _knob(0.01, "Step size of the balanced argmax's area balancing.")
-    gravity: float = _knob(4e-5, "Pull of each subject's centroid (compact masks).", sdxl=3e-5)
-    spatial: float = _knob(4e-5, "Weight of the 3x3 neighbour vote (smooth masks).", sdxl=3e-5)
-    momentum: float = _knob(0.2, "Momentum of the running subject probabilities.")
-    centroid_margin: float = _knob(0.0, "Keep centroids this far from the image border (0-1 of half-size).")
-    border_penalty: float = _knob(0.0, "Penalty for assigning border tokens to a subject.")
-    anisotropy: float = _knob(1.1, "Horizontal stretch of distances (>1 favours side-by-side subjects).", sdxl=1.3)
+    balance_iterations: int = _knob(
+        15, "Balance iterations", "Rounds of the balanced split between subjects.", group="official",
+        bounds=(0, 200), step=1, slider=True,
+    )  # fmt: skip
+    balance_lr: float = _knob(
+        0.01, "Learning rate", "How fast the split evens out the subjects' areas.", group="official",
+        bounds=(0.0, 1.0), step=0.001,
+    )  # fmt: skip
+    gravity: float = _knob(
+        4e-5, "Gravity", "Pull towards each subject's centre (compact masks).", group="official",
+        bounds=(0.0, 0.01), step=1e-6, sdxl=3e-5,
+    )  # fmt: skip
+    spatial: float = _knob(
+        4e-5, "Neighbour vote", "Weight of the 3x3 neighbour vote (smooth masks).", group="official",
+        bounds=(0.0, 0.01), step=1e-6, sdxl=3e-5,
+    )  # fmt: skip
+    momentum: float = _knob(
+        0.2, "Momentum", "Momentum of the running subject probabilities.", group="official",
+        bounds=(0.0, 0.99), step=0.01, slider=True,
+    )  # fmt: skip
+    centroid_margin: float = _knob(
+        0.0, "Centroid margin", "Keep subject centres this far from the border (share of half-size).",
+        group="official", bounds=(0.0, 0.99), step=0.01, slider=True,
+    )  # fmt: skip
+    border_penalty: float = _knob(
+        0.0, "Border penalty", "Penalty for giving border tokens to a subject.", group="official",
+        bounds=(0.0, 0.01), step=1e-6,
+    )  # fmt: skip
+    anisotropy: float = _knob(
+        1.1, "Anisotropy", "Horizontal stretch of distances; above 1 favours side by side.", group="official",
+        bounds=(0.5, 2.0), step=0.05, slider=True, sdxl=1.3,
+    )  # fmt: skip
     # --- paper mask method
-    sink_top_ratio: float = _knob(0.01, "Attention-sink filter: top fraction of each row checked (paper: 1%).")
-    sink_border: int = _knob(1, "Attention-sink filter: border width in tokens.")
-    salient_ratio: float = _knob(0.01, "Fraction of image tokens whose self-attention rows form the map (paper).")
-    slic_segments: int = _knob(0, "SLIC superpixels; 0 = round(sqrt(image pixel area)) as in the paper.")
-    slic_compactness: float = _knob(10.0, "SLIC compactness (paper: 10).")
+    sink_top_ratio: float = _knob(
+        0.01, "Sink filter share", "Top share of each map checked for attention sinks (paper: 1%).", group="paper",
+        bounds=(0.001, 1.0), step=0.001, slider=True,
+    )  # fmt: skip
+    sink_border: int = _knob(
+        1, "Sink border", "Border width, in tokens, where attention sinks are removed.", group="paper",
+        bounds=(0, 16), step=1, slider=True,
+    )  # fmt: skip
+    salient_ratio: float = _knob(
+        0.01, "Salient share", "Share of image tokens whose self-attention forms the map.", group="paper",
+        bounds=(0.001, 1.0), step=0.001, slider=True,
+    )  # fmt: skip
+    slic_segments: int = _knob(
+        0, "SLIC segments", "Superpixels; 0 = square root of the pixel area (the paper's).", group="paper",
+        bounds=(0, 20000), step=1,
+    )  # fmt: skip
+    slic_compactness: float = _knob(
+        10.0, "SLIC compactness", "Superpixel compactness (paper: 10).", group="paper",
+        bounds=(0.1, 100.0), step=0.5,
+    )  # fmt: skip
     # --- generation-time effects
-    attention_bias: bool = _knob(True, "Bias attention between each subject's region and its trigger tokens.")
-    bias_scale: float = _knob(4.0, "Negative bias towards other subjects' tokens / regions.", sdxl=1.0)
-    bias_positive_scale: float = _knob(2.0, "Positive bias towards a subject's own tokens / region.", sdxl=1.0)
-    bias_positive: bool = _knob(True, "Add the positive bias terms.")
-    bias_bidirectional: bool = _knob(True, "Also bias text->image (joint attention, FLUX only).")
+    attention_bias: bool = _knob(
+        True, "Attention bias", "Keep each region's attention on its own subject's words.", group="bias"
+    )
+    bias_scale: float = _knob(
+        4.0, "Negative scale", "How hard a region is pushed away from other subjects' words.", group="bias",
+        bounds=(0.0, 20.0), step=0.1, slider=True, sdxl=1.0,
+    )  # fmt: skip
+    bias_positive_scale: float = _knob(
+        2.0, "Positive scale", "How hard a region is pulled towards its own subject's words.", group="bias",
+        bounds=(0.0, 20.0), step=0.1, slider=True, sdxl=1.0,
+    )  # fmt: skip
+    bias_positive: bool = _knob(True, "Positive bias", "Add the pull towards a subject's own words.", group="bias")
+    bias_bidirectional: bool = _knob(
+        True, "Both directions", "Also bias words towards their region (FLUX).", group="bias"
+    )
     bias_blocks: str = _knob(
-        "all",
-        "Blocks that get the bias: all, double_stream_only, single_stream_only, last_half_double, none, or "
-        "a list such as 'double:0-18' / 'single:0-37'.",
-    )
+        "all", "Blocks", "all, double_stream_only, single_stream_only, last_half_double, none, or 'double:0-18'.",
+        group="bias", choices=BIAS_PRESETS,
+    )  # fmt: skip
     token_exclusion: bool = _knob(
-        True, "Zero each LoRA's delta at the other subjects' trigger tokens (text stream).", sdxl=False
-    )
+        True, "Token exclusion", "Switch each subject LoRA off at the other subjects' words.", group="tokens",
+        sdxl=False,
+    )  # fmt: skip
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -172,58 +278,23 @@ class FreeFuseSettings:
 
     # ------------------------------------------------------------------ validation
     def problems(self) -> list[str]:
-        """One sentence per invalid setting; empty when everything is valid."""
+        """One sentence per invalid setting, naming it by its key; empty when everything is valid."""
         out: list[str] = []
-
-        def check(ok: bool, message: str) -> None:
-            if not ok:
-                out.append(message)
-
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, float) and not math.isfinite(value):
                 out.append(f"{f.name} must be a finite number; got {value!r}")
         if out:
             return out
-        check(
-            self.mask_method in MASK_METHODS,
-            f"mask_method must be one of {', '.join(MASK_METHODS)}; got {self.mask_method!r}",
-        )
-        check(
-            self.schedule in SCHEDULES,
-            f"schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}",
-        )
-        check(self.capture_block >= 0, f"capture_block must be 0 or more; got {self.capture_block}")
-        check(self.capture_step >= 0, f"capture_step must be 0 or more; got {self.capture_step}")
-        check(0.0 < self.top_k_ratio <= 1.0, f"top_k_ratio must be in (0, 1]; got {self.top_k_ratio}")
-        check(self.temperature > 0.0, f"temperature must be above 0; got {self.temperature}")
-        check(self.bg_scale > 0.0, f"bg_scale must be above 0; got {self.bg_scale}")
-        check(
-            0 <= self.balance_iterations <= 200,
-            f"balance_iterations must be 0-200; got {self.balance_iterations}",
-        )
-        check(self.balance_lr >= 0.0, f"balance_lr must be 0 or more; got {self.balance_lr}")
-        check(self.gravity >= 0.0, f"gravity must be 0 or more; got {self.gravity}")
-        check(self.spatial >= 0.0, f"spatial must be 0 or more; got {self.spatial}")
-        check(0.0 <= self.momentum < 1.0, f"momentum must be in [0, 1); got {self.momentum}")
-        check(
-            0.0 <= self.centroid_margin < 1.0,
-            f"centroid_margin must be in [0, 1); got {self.centroid_margin}",
-        )
-        check(self.border_penalty >= 0.0, f"border_penalty must be 0 or more; got {self.border_penalty}")
-        check(self.anisotropy > 0.0, f"anisotropy must be above 0; got {self.anisotropy}")
-        check(0.0 < self.sink_top_ratio <= 1.0, f"sink_top_ratio must be in (0, 1]; got {self.sink_top_ratio}")
-        check(0 <= self.sink_border <= 16, f"sink_border must be 0-16 tokens; got {self.sink_border}")
-        check(0.0 < self.salient_ratio <= 1.0, f"salient_ratio must be in (0, 1]; got {self.salient_ratio}")
-        check(self.slic_segments >= 0, f"slic_segments must be 0 (auto) or more; got {self.slic_segments}")
-        check(self.slic_compactness > 0.0, f"slic_compactness must be above 0; got {self.slic_compactness}")
-        check(self.bias_scale >= 0.0, f"bias_scale must be 0 or more; got {self.bias_scale}")
-        check(
-            self.bias_positive_scale >= 0.0,
-            f"bias_positive_scale must be 0 or more; got {self.bias_positive_scale}",
-        )
+        for f in fields(self):
+            value, bounds, choices = getattr(self, f.name), f.metadata["bounds"], f.metadata["choices"]
+            if bounds is not None and not bounds[0] <= value <= bounds[1]:
+                out.append(f"{f.name} must be from {_number(bounds[0])} to {_number(bounds[1])}; got {_number(value)}")
+            elif choices is not None and f.name != "bias_blocks" and value not in choices:
+                out.append(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
         block_problem = block_spec_problem(self.bias_blocks)
-        check(block_problem is None, f"bias_blocks {self.bias_blocks!r} is not usable: {block_problem}")
+        if block_problem is not None:
+            out.append(f"bias_blocks {self.bias_blocks!r} is not usable: {block_problem}")
         return out
 
     def validate(self) -> None:
@@ -234,25 +305,26 @@ class FreeFuseSettings:
 
     # ------------------------------------------------------------------ infotext
     def to_infotext(self, family: str = "flux") -> str:
-        """A compact JSON string: the settings that differ from the family's defaults, plus the family."""
+        """The ``FreeFuse`` infotext value: the family and the settings that differ from its defaults
+        (freefuse.infotext has the format)."""
         base = self.defaults(family).to_dict()
-        diff = {k: v for k, v in self.to_dict().items() if k != "enabled" and base[k] != v}
-        return json.dumps({"v": INFOTEXT_VERSION, "family": family, **diff}, separators=(",", ":"), sort_keys=True)
+        return encode_settings(family, {k: v for k, v in self.to_dict().items() if k != "enabled" and base[k] != v})
 
     @classmethod
     def from_infotext(cls, text: str) -> tuple[FreeFuseSettings, str]:
-        """Parse ``to_infotext`` output back; returns (settings with enabled=True, family)."""
+        """Parse a ``FreeFuse`` infotext value (this version's or 0.1's JSON); (settings, enabled, family)."""
         try:
-            data = json.loads(text)
-        except (TypeError, json.JSONDecodeError) as err:
-            raise SettingsError([f"the {INFOTEXT_KEY} infotext value is not valid JSON ({err})"]) from None
-        if not isinstance(data, dict):
-            raise SettingsError([f"the {INFOTEXT_KEY} infotext value must be a JSON object"])
-        data = dict(data)
-        data.pop("v", None)
+            data = decode_settings(text)
+        except (TypeError, ValueError) as err:
+            raise SettingsError([f"the {INFOTEXT_KEY} infotext value is not readable ({err})"]) from None
         family = data.pop("family", "flux")
         data["enabled"] = True
         return cls.from_dict(data, family), family
+
+
+def _number(value: float) -> str:
+    """A bound or value as a person writes it: 0.01, 4e-05, 100000, 7."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 _TYPE_WORDS = {"bool": "true/false value", "int": "whole number", "float": "number", "str": "text"}
@@ -294,10 +366,15 @@ def _coerce(raw: Any, kind: type) -> Any:
 
 
 def setting_help(name: str) -> str:
-    """The one-line tooltip of a setting."""
+    """The one line of help of a setting."""
+    return setting_meta(name)["help"]
+
+
+def setting_meta(name: str) -> dict[str, Any]:
+    """Everything the accordion needs about a setting: label, help, group, bounds, step, slider, choices."""
     for f in fields(FreeFuseSettings):
         if f.name == name:
-            return f.metadata["help"]
+            return dict(f.metadata)
     raise KeyError(name)
 
 

@@ -39,7 +39,7 @@ def test_bad_dicts_name_every_problem():
     parsed = settings_from_args([{"enabled": True, "tempurature": 3, "top_k_ratio": 7}])
     assert parsed.settings is None
     assert any("unknown setting 'tempurature'" in p for p in parsed.problems)
-    assert any("top_k_ratio must be in (0, 1]" in p for p in parsed.problems)
+    assert any("top_k_ratio must be from 0.01 to 1; got 7" in p for p in parsed.problems)
 
 
 def test_too_many_positional_args_are_refused():

@@ -1,7 +1,5 @@
 """FreeFuseSettings: family defaults, validation messages, dict and infotext round trips."""
 
-import json
-
 import pytest
 from hypothesis import given
 from hypothesis import settings as hsettings
@@ -37,11 +35,29 @@ def test_every_out_of_range_value_is_reported_in_one_error():
     with pytest.raises(SettingsError) as err:
         FreeFuseSettings.from_dict({"top_k_ratio": 1.5, "temperature": 0, "momentum": 1.0, "mask_method": "magic"})
     text = str(err.value)
-    assert "top_k_ratio must be in (0, 1]; got 1.5" in text
-    assert "temperature must be above 0" in text
-    assert "momentum must be in [0, 1)" in text
+    assert "top_k_ratio must be from 0.01 to 1; got 1.5" in text
+    assert "temperature must be from 1 to 100000; got 0" in text
+    assert "momentum must be from 0 to 0.99; got 1" in text
     assert "mask_method must be one of official, paper; got 'magic'" in text
     assert len(err.value.problems) == 4
+
+
+def test_every_number_has_inclusive_bounds_its_default_lies_in_and_a_step_that_fits():
+    from dataclasses import fields
+
+    from freefuse.settings import setting_meta
+
+    for family in ("flux", "sdxl"):
+        defaults = FreeFuseSettings.defaults(family)
+        for f in fields(FreeFuseSettings):
+            meta, value = setting_meta(f.name), getattr(defaults, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            low, high = meta["bounds"]
+            assert low <= value <= high, (f.name, value)
+            assert meta["step"] and meta["step"] <= max(abs(value), meta["step"]), f.name  # no default off the grid
+            ratio = value / meta["step"]
+            assert abs(ratio - round(ratio)) < 1e-6, (f.name, value, meta["step"])  # the browser accepts the default
 
 
 def test_unknown_keys_are_named_with_a_suggestion():
@@ -86,11 +102,11 @@ _values = st.fixed_dictionaries(
         "mask_method": st.sampled_from(["official", "paper"]),
         "schedule": st.sampled_from(["restart", "continue"]),
         "capture_step": st.integers(0, 50),
-        "top_k_ratio": st.floats(0.001, 1.0),
+        "top_k_ratio": st.floats(0.01, 1.0),
         "temperature": st.floats(1.0, 1e5),
         "background": st.text(max_size=20),
         "morphology": st.booleans(),
-        "gravity": st.floats(0.0, 1.0),
+        "gravity": st.floats(0.0, 0.01),
         "bias_blocks": st.sampled_from(["all", "none", "double:0-18", "single:1,2"]),
         "slic_segments": st.integers(0, 5000),
     },
@@ -103,19 +119,38 @@ def test_dict_and_infotext_round_trips_are_lossless(values, family):
     s = FreeFuseSettings.from_dict({"enabled": True, **values}, family=family)
     assert FreeFuseSettings.from_dict(s.to_dict(), family=family) == s
     text = s.to_infotext(family)
-    json.loads(text)  # plain JSON, so Forge's infotext quoting carries it intact
+    assert not any(char in text for char in ",:\n")  # Forge writes it unquoted, as the user reads it
     back, back_family = FreeFuseSettings.from_infotext(text)
     assert (back, back_family) == (s, family)
 
 
-def test_infotext_holds_only_what_differs_from_the_defaults():
-    s = FreeFuseSettings.defaults("flux").replace(enabled=True, temperature=300.0)
-    assert json.loads(s.to_infotext("flux")) == {"v": 1, "family": "flux", "temperature": 300.0}
+def test_infotext_holds_only_what_differs_from_the_defaults_in_plain_words():
+    s = FreeFuseSettings.defaults("flux").replace(enabled=True, temperature=300.0, mask_method="paper")
+    assert s.to_infotext("flux") == "family=flux; mask_method=paper; temperature=300.0"
+    assert FreeFuseSettings.defaults("sdxl").replace(enabled=True).to_infotext("sdxl") == "family=sdxl"
+
+
+def test_text_values_keep_every_character_without_commas_or_colons_in_the_entry():
+    s = FreeFuseSettings.defaults("flux").replace(enabled=True, subjects="harry: harry_potter\ndaiyu: a, b; c=d 50%")
+    text = s.to_infotext("flux")
+    assert text == "family=flux; subjects=harry%3A harry_potter%0Adaiyu%3A a%2C b%3B c%3Dd 50%25"
+    assert FreeFuseSettings.from_infotext(text)[0] == s
+
+
+def test_an_infotext_of_version_0_1_still_pastes():
+    old = '{"capture_step":6,"family":"sdxl","morphology":true,"subjects":"a: x","v":1}'
+    settings, family = FreeFuseSettings.from_infotext(old)
+    assert family == "sdxl"
+    assert settings == FreeFuseSettings.defaults("sdxl").replace(
+        enabled=True, capture_step=6, morphology=True, subjects="a: x"
+    )
 
 
 def test_broken_infotext_is_a_clear_error():
-    with pytest.raises(SettingsError, match="not valid JSON"):
+    with pytest.raises(SettingsError, match="infotext value is not readable"):
         FreeFuseSettings.from_infotext("{temperature: 3")
+    with pytest.raises(SettingsError, match="not key=value"):
+        FreeFuseSettings.from_infotext("family=flux; temperature")
 
 
 def test_every_block_list_that_validates_also_parses_and_the_reverse():

@@ -44,7 +44,18 @@ class Component:
 
 def _gradio() -> types.ModuleType:
     gr = types.ModuleType("gradio")
-    for name in ("Textbox", "Radio", "Checkbox", "Slider", "Number", "Dropdown", "Markdown", "Row", "Accordion"):
+    for name in (
+        "Textbox",
+        "Radio",
+        "Checkbox",
+        "Slider",
+        "Number",
+        "Dropdown",
+        "Markdown",
+        "Row",
+        "Column",
+        "Accordion",
+    ):
         setattr(gr, name, type(name, (Component,), {}))
     gr.update = lambda **kw: {"__type__": "update", **kw}
     return gr

@@ -6,7 +6,6 @@ Runs against either harness's backend, with the webui side faked (tests/forge_co
 from __future__ import annotations
 
 import importlib.util
-import json
 import types
 from pathlib import Path
 
@@ -80,8 +79,13 @@ def subjects_line(p, index=0):
 
 
 def recorded_settings(p, index=0):
+    """The FreeFuse infotext entry of image ``index`` read back: the family and the non-default settings."""
     text = entry(p, "FreeFuse", index)
-    return None if text is None else json.loads(text)
+    if text is None:
+        return None
+    settings, family = FreeFuseSettings.from_infotext(text)
+    base = FreeFuseSettings.defaults(family).to_dict()
+    return {"family": family, **{k: v for k, v in settings.to_dict().items() if k != "enabled" and base[k] != v}}
 
 
 def test_ui_returns_one_component_per_setting_in_settings_order(webui):
@@ -104,7 +108,6 @@ def test_two_subjects_from_the_prompt_get_masks_a_picture_and_infotext(harness, 
     line = subjects_line(p)
     assert line.startswith("A: harry_potter ") and ", B: daiyu_lin " in line and line.endswith("%")
     assert recorded_settings(p) == {
-        "v": 1,
         "family": "flux",
         "capture_block": 1,
         "capture_step": 1,
@@ -136,7 +139,7 @@ def test_bad_api_values_turn_freefuse_off_with_one_sentence_each(harness, webui,
     p = generate(harness, webui, both, [{"enabled": True, "tempurature": 1, "top_k_ratio": 3}])
     text = " ".join(p.comments)
     assert "unknown setting 'tempurature' (did you mean 'temperature'?)" in text
-    assert "top_k_ratio must be in (0, 1]; got 3" in text
+    assert "top_k_ratio must be from 0.01 to 1; got 3" in text
     torch.testing.assert_close(p.latent, plain, rtol=0, atol=0)
 
 
@@ -264,5 +267,5 @@ def test_sdxl_untouched_ui_values_take_the_sdxl_defaults(harness, webui, sdxl_mo
     p = generate(harness, webui, both, ui, cfg=5.0, steps=10, n_txt=77)
     (comment,) = p.comments
     assert "set for FLUX but this is an SDXL model: the SDXL defaults are used" in comment
-    assert recorded_settings(p) == {"v": 1, "family": "sdxl"}  # all SDXL defaults
+    assert recorded_settings(p) == {"family": "sdxl"}  # all SDXL defaults
     assert len(p.extra_result_images) == 1
