@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
@@ -376,6 +377,19 @@ def setting_meta(name: str) -> dict[str, Any]:
         if f.name == name:
             return dict(f.metadata)
     raise KeyError(name)
+
+
+def in_user_words(message: str, api: bool) -> str:
+    """A message as its reader names settings: by key for an API client, by label in the web UI."""
+    if api:
+        return message
+    for f in sorted(fields(FreeFuseSettings), key=lambda f: -len(f.name)):
+        label = f.metadata["label"]
+        if "_" in f.name:
+            message = re.sub(rf"\b{f.name}\b", label, message)
+        else:  # a plain word ("background") is a setting only where the message says what it must be
+            message = re.sub(rf"(^|; |: ){f.name}( must be)", rf"\g<1>{label}\2", message)
+    return message.replace("values_for", "Values for")
 
 
 def family_knobs() -> list[str]:

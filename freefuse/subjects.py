@@ -154,7 +154,7 @@ def resolve_subjects(
     if not plan.active:
         found = len(plan.subjects)
         plan.messages.append(
-            f"FreeFuse needs at least two subject LoRAs whose trigger phrases are in the prompt; found {found}, "
+            f"needs at least two subject LoRAs whose trigger phrases are in the prompt; found {found}, "
             "so this image was generated without FreeFuse"
         )
     return plan

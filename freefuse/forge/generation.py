@@ -21,7 +21,7 @@ from freefuse.forge.families import family_name
 from freefuse.forge.session import Plan, Session, SubjectSpec
 from freefuse.partition import SubjectMasks
 from freefuse.preview import mask_overlay, tensor_to_image
-from freefuse.settings import INFOTEXT_KEY, FreeFuseSettings
+from freefuse.settings import INFOTEXT_KEY, FreeFuseSettings, in_user_words
 
 log = logging.getLogger("freefuse")
 SUBJECTS_KEY = "FreeFuse subjects"
@@ -31,7 +31,9 @@ NOTES_SEPARATOR = " | "
 
 def tell(p, message: str) -> None:
     """The one path of every FreeFuse message, each said once per generation: the console, the image's
-    Comments (web UI) and the "FreeFuse notes" infotext entry (the API response's infotexts and the PNG)."""
+    Comments (web UI) and the "FreeFuse notes" infotext entry (the API response's infotexts and the PNG).
+    Settings are named by their label in the web UI, by their key for API clients."""
+    message = in_user_words(message, api=bool(getattr(p, "is_api", False)))
     notes = p.extra_generation_params.get(NOTES_KEY)
     said = notes.split(NOTES_SEPARATOR) if notes else []
     if message in said:

@@ -158,7 +158,7 @@ class Session:
             if self.plan.masks is None and self.settings.capture_step >= steps:
                 raise UnsupportedModel(
                     f"capture_step {self.settings.capture_step} is not below the number of steps ({steps}); "
-                    f"lower Capture step (for example {max(0, steps // 4)}) or sample more steps"
+                    f"lower capture_step (for example {max(0, steps // 4)}) or sample more steps"
                 )
             if self.plan.masks is not None:
                 self.masks = self.plan.masks

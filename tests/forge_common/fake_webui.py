@@ -238,8 +238,9 @@ class ClipEngine:
 class Processing:
     """The attributes of StableDiffusionProcessingTxt2Img that FreeFuse reads or writes."""
 
-    def __init__(self, prompt_with_tags: str, unet, *, steps=4, batch_size=1, engine=None, sigmas=None):
+    def __init__(self, prompt_with_tags: str, unet, *, steps=4, batch_size=1, engine=None, sigmas=None, api=False):
         self.prompt = prompt_with_tags
+        self.is_api = api  # Forge sets it for /sdapi/v1 requests
         clean = re.sub(r"<lora:[^>]*>", "", prompt_with_tags).strip()
         self.prompts = [clean] * batch_size  # Forge strips the tags from p.prompts only
         self.all_prompts = [prompt_with_tags] * batch_size

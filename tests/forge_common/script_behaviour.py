@@ -42,11 +42,11 @@ def model(harness, webui):
     return unet, harness.add_loras(unet, [(loras["A"], 1.0), (loras["B"], 1.0)]), loras
 
 
-def generate(harness, webui, unet, args, *, prompt=PROMPT, batch=1, cfg=1.0, steps=4, xyz=None, n_txt=N_TXT):
+def generate(harness, webui, unet, args, *, prompt=PROMPT, batch=1, cfg=1.0, steps=4, xyz=None, n_txt=N_TXT, api=False):
     """One txt2img job: the callbacks in Forge's order around the harness's sampling."""
     script = webui.module.FreeFuseScript()
     script.ui(False)
-    p = Processing(prompt, unet, steps=steps, batch_size=batch, engine=T5Engine(min_length=N_TXT))
+    p = Processing(prompt, unet, steps=steps, batch_size=batch, engine=T5Engine(min_length=N_TXT), api=api)
     if xyz:
         p.freefuse_xyz = xyz
     script.process(p, *args)
@@ -136,11 +136,18 @@ def test_one_subject_is_not_enough_and_the_user_is_told(harness, webui, model):
 def test_bad_api_values_turn_freefuse_off_with_one_sentence_each(harness, webui, model):
     unet, both, loras = model
     plain = harness.sample(both, n_txt=N_TXT, seed=21)
-    p = generate(harness, webui, both, [{"enabled": True, "tempurature": 1, "top_k_ratio": 3}])
+    p = generate(harness, webui, both, [{"enabled": True, "tempurature": 1, "top_k_ratio": 3}], api=True)
     text = " ".join(p.comments)
     assert "unknown setting 'tempurature' (did you mean 'temperature'?)" in text
-    assert "top_k_ratio must be from 0.01 to 1; got 3" in text
+    assert "top_k_ratio must be from 0.01 to 1; got 3" in text  # an API client reads the keys it sent
     torch.testing.assert_close(p.latent, plain, rtol=0, atol=0)
+
+
+def test_in_the_web_ui_a_bad_value_is_named_by_its_label(harness, webui, model):
+    unet, both, loras = model
+    args = [True, "", "official", "restart", True, 1, 200]  # Capture step 200: beyond its slider
+    p = generate(harness, webui, both, args)
+    assert "FreeFuse: not used for this generation: Capture step must be from 0 to 150; got 200" in p.comments
 
 
 @pytest.mark.parametrize(

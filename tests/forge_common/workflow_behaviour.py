@@ -24,16 +24,16 @@ SUBJECT_LAYER = "diffusion_model.double_blocks.0.img_attn.qkv.weight"
 class Job:
     """One txt2img job through the script, batch by batch, with Forge's hires call order when asked."""
 
-    def __init__(self, harness, webui, args, *, prompt=PROMPT, steps=4, n_iter=1):
+    def __init__(self, harness, webui, args, *, prompt=PROMPT, steps=4, n_iter=1, api=False):
         self.harness, self.args, self.steps = harness, args, steps
         self.script = webui.module.FreeFuseScript()
         self.script.ui(False)
         self.p = None
-        self.prompt, self.n_iter = prompt, n_iter
+        self.prompt, self.n_iter, self.api = prompt, n_iter, api
         self.hires_seen: list[dict] = []
 
     def start(self, unet, prompts_per_batch=None):
-        p = Processing(self.prompt, unet, steps=self.steps, engine=T5Engine(min_length=N_TXT))
+        p = Processing(self.prompt, unet, steps=self.steps, engine=T5Engine(min_length=N_TXT), api=self.api)
         batches = prompts_per_batch or [self.prompt] * self.n_iter
         p.all_prompts = list(batches)  # batch size 1: one image per batch
         p.n_iter = len(batches)
@@ -165,7 +165,7 @@ def test_infotext_records_freefuse_only_for_the_images_it_patched_and_the_grid_t
 
 def test_settings_freefuse_could_not_use_leave_no_freefuse_entry_and_a_note_for_api_clients(harness, webui, model):
     unet, both, loras = model
-    job = Job(harness, webui, [{"enabled": True, "capture_block": 7, "tempurature": 2}])
+    job = Job(harness, webui, [{"enabled": True, "capture_block": 7, "tempurature": 2}], api=True)
     job.start(both)
     job.batch(0, both)
     p = job.finish()
@@ -177,7 +177,7 @@ def test_settings_freefuse_could_not_use_leave_no_freefuse_entry_and_a_note_for_
 
 def test_a_message_from_sampling_reaches_the_notes_entry(harness, webui, model):
     unet, both, loras = model
-    job = Job(harness, webui, [{**ON, "capture_block": 7}])  # the tiny model has double blocks 0-2
+    job = Job(harness, webui, [{**ON, "capture_block": 7}], api=True)  # the tiny model has double blocks 0-2
     job.start(both)
     job.batch(0, both)
     p = job.finish()
