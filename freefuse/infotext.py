@@ -3,17 +3,20 @@
     FreeFuse: family=sdxl; capture_step=6; mask_method=paper; subjects=harry%3A harry_potter%0Adaiyu%3A daiyu_lin
 
 ``key=value`` pairs separated by ``; ``, the family first. Forge quotes (and escapes) an infotext value that holds
-a comma, a colon or a line break, so those characters (and the format's own ``;``, ``=``, ``%``) are written
-percent-encoded inside text values; numbers and true/false are written as they are. Infotexts of version 0.1
+a comma, a colon, a quote or a line break, so those characters, the format's own ``;``, ``=``, ``%``, and any
+whitespace but inner spaces are written percent-encoded (UTF-8) inside text values; numbers and true/false are
+written as they are. Infotexts of version 0.1
 (a JSON object, ``{"v":1,"family":"flux",...}``) still paste.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
+from urllib.parse import unquote
 
-_ESCAPES = {"%": "%25", ",": "%2C", ":": "%3A", "\n": "%0A", ";": "%3B", "=": "%3D", "\r": "%0D"}
+_ESCAPED = re.compile(r"[%,:;=\"]|[^\S ]|^ | $")  # the format's and Forge's specials, whitespace but inner spaces
 _SEPARATOR = "; "
 
 
@@ -24,16 +27,11 @@ def _encode(value: Any) -> str:
         return repr(value)  # shortest text that reads back to the same float
     if isinstance(value, int):
         return str(value)
-    text = str(value)
-    for char in _ESCAPES:  # "%" first, so escapes are not escaped again
-        text = text.replace(char, _ESCAPES[char])
-    return text
+    return _ESCAPED.sub(lambda m: "".join(f"%{b:02X}" for b in m.group().encode()), str(value))
 
 
 def _decode(text: str) -> str:
-    for char, escaped in reversed(_ESCAPES.items()):
-        text = text.replace(escaped, char)
-    return text
+    return unquote(text)
 
 
 def encode_settings(family: str, changed: dict[str, Any]) -> str:
@@ -52,9 +50,9 @@ def decode_settings(text: str) -> dict[str, Any]:
         data.pop("v", None)
         return data
     data: dict[str, Any] = {}
-    for pair in filter(None, (p.strip() for p in text.split(";"))):
+    for pair in filter(None, (p.lstrip() for p in text.split(";"))):
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"{pair!r} is not key=value")
-        data[key.strip()] = _decode(value.strip())
+        data[key.strip()] = _decode(value)
     return data
