@@ -4,7 +4,8 @@ Every ``<lora:...>`` in the prompt is a candidate. Its phrase comes from, in ord
 the LoRA's "activation text" (user metadata), the safetensors ``modelspec.trigger_phrase``, and the LoRA's
 own name. The first phrase that occurs in the prompt makes the LoRA a subject; a LoRA with none stays global
 (merged as usual). Once the Subjects box names any LoRA, a LoRA's own name no longer makes it a subject (a
-style LoRA called "watercolor" in "watercolor painting of ..." stays global). A LoRA that Forge gave no
+style LoRA called "watercolor" in "watercolor painting of ..." stays global); with three or more subjects of
+which some were found by name, a note says how to keep a LoRA global. A LoRA that Forge gave no
 weights for this model's denoiser is never a subject. Fewer than two subjects: FreeFuse does nothing, and
 says why.
 """
@@ -131,11 +132,6 @@ def resolve_subjects(
                 f"(tried {', '.join(repr(t) for t in tried)})"
             )
             continue
-        if chosen.source == "lora name":
-            plan.messages.append(
-                f"LoRA {candidate.name!r} is a subject because its name is a word of the prompt; to keep a LoRA "
-                "global (a style, say), name the subjects in the Subjects box ('lora: trigger phrase' lines)"
-            )
         plan.subjects.append(chosen)
 
     dropped: set[int] = set()
@@ -151,6 +147,13 @@ def resolve_subjects(
         plan.global_loras.append(later.lora)
     plan.subjects = [s for k, s in enumerate(plan.subjects) if k not in dropped]
 
+    by_name = [s.lora for s in plan.subjects if s.source == "lora name"]
+    if by_name and len(plan.subjects) > 2:  # a style LoRA among the characters, perhaps
+        plan.messages.append(
+            f"{', '.join(repr(n) for n in by_name)} {'is a subject' if len(by_name) == 1 else 'are subjects'} "
+            "because the LoRA's name is a word of the prompt; to keep a LoRA global (a style, say), name the "
+            "subjects in the Subjects box ('lora: trigger phrase' lines)"
+        )
     if not plan.active:
         found = len(plan.subjects)
         plan.messages.append(

@@ -120,8 +120,10 @@ STYLE_CANDIDATES = [
 def test_a_lora_whose_name_is_a_prompt_word_is_a_subject_and_the_user_learns_how_to_keep_it_global():
     plan = resolve_subjects(STYLE_CANDIDATES, "", locate_style)
     assert [s.lora for s in plan.subjects] == ["harry", "daiyu", "watercolor"]
-    note = next(m for m in plan.messages if "'watercolor'" in m)
-    assert "its name is a word of the prompt" in note and "Subjects box" in note
+    (note,) = [m for m in plan.messages if "name is a word of the prompt" in m]
+    assert note.startswith("'watercolor' is a subject because the LoRA's name") and "Subjects box" in note
+    two = resolve_subjects([LoraCandidate("harry_potter", "h"), LoraCandidate("daiyu_lin", "d")], "", locate)
+    assert two.active and two.messages == []  # two characters by name: the documented use, nothing to say
 
 
 def test_once_the_subjects_box_names_subjects_a_lora_name_makes_no_subject():
