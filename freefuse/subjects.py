@@ -158,6 +158,6 @@ def resolve_subjects(
         found = len(plan.subjects)
         plan.messages.append(
             f"needs at least two subject LoRAs whose trigger phrases are in the prompt; found {found}, "
-            "so this image was generated without FreeFuse"
+            "so FreeFuse does not run for this image"
         )
     return plan

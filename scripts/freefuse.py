@@ -11,7 +11,7 @@ import functools
 import gradio as gr
 from modules import script_callbacks, scripts
 
-from freefuse.forge import accordion
+from freefuse.forge import accordion, live_preview
 from freefuse.forge import session as sessions
 from freefuse.forge.families import family_name
 from freefuse.forge.generation import Generation, tell
@@ -33,16 +33,34 @@ class FreeFuseScript(scripts.Script):
 
     def __init__(self):
         self.generation: Generation | None = None
+        self.prompt_box = None  # txt2img's prompt textbox, for the live preview
 
     def title(self):
         return TITLE
 
     def show(self, is_img2img):
-        return scripts.AlwaysVisible if not is_img2img else False
+        if is_img2img:
+            return False
+        if self.prompt_box is None:
+            self.on_after_component(self._remember_prompt, elem_id="txt2img_prompt")
+        return scripts.AlwaysVisible
+
+    def _remember_prompt(self, created):
+        self.prompt_box = created.component
 
     def ui(self, is_img2img):
         built = accordion.build(self.elem_id, _ui_family())
         c = built.components
+        if self.prompt_box is not None:
+            watched = [c["enabled"], self.prompt_box, c["subjects"]]
+            for box in watched:
+                box.change(
+                    live_preview.preview_markdown,
+                    inputs=watched,
+                    outputs=[built.preview],
+                    show_progress=False,
+                    trigger_mode="always_last",
+                )
         readers = {name: _from_infotext(name) for name in c if name not in ("enabled", VALUES_FOR)}
         readers.update(enabled=lambda d: INFOTEXT_KEY in d, values_for=_family_from_infotext)
         order = positional_names()  # the positional API's order: a contract

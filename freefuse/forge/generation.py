@@ -198,36 +198,24 @@ class Generation:
             self.say(p, "the images of this batch have different prompts; FreeFuse needs one prompt per batch")
             return None
         prompt = prompts[0]
-        problem = forge_subjects.prompt_problem(prompt, p.steps, family)
-        if problem:
-            self.say(p, f"{problem}. Generated without FreeFuse")
-            return None
         if not hasattr(p.sampler, "get_sigmas"):
             self.say(p, "this sampler has no sigma schedule; FreeFuse needs a k-diffusion sampler such as Euler")
             return None
-        if family == "flux":
-            tokens = forge_subjects.t5_tokens(sd_model, prompt)
-        else:
-            tokens = forge_subjects.clip_tokens(sd_model, prompt)
-        tagged = _tagged_prompt(p, hires)
-        candidates, notes = forge_subjects.lora_candidates(tagged or prompt)
+        candidates, notes = forge_subjects.lora_candidates(_tagged_prompt(p, hires) or prompt)
         for note in notes:
             self.say(p, note)
         unusable = forge_subjects.without_denoiser_weights(unet, candidates)
-        plan = forge_subjects.resolve(self.settings, tokens, candidates, unusable)
-        for note in plan.messages:
+        found = forge_subjects.resolve_prompt(self.settings, sd_model, family, prompt, p.steps, candidates, unusable)
+        for note in found.messages:
             self.say(p, note)
-        if not plan.active:
+        if not found.active:
             return None
-        background = forge_subjects.background_positions(self.settings, tokens, bg_notes := [])
-        for note in bg_notes:
-            self.say(p, note)
         sigmas = p.sampler.get_sigmas(p, p.steps)
         return Plan(
             settings=self.settings,
-            subjects=[SubjectSpec(s.lora, s.filename, s.phrase, list(s.match.positions)) for s in plan.subjects],
-            background_positions=background,
-            n_txt_cond=tokens.n_txt,
+            subjects=[SubjectSpec(s.lora, s.filename, s.phrase, list(s.match.positions)) for s in found.plan.subjects],
+            background_positions=found.background,
+            n_txt_cond=found.tokens.n_txt,
             sigmas=sigmas.detach().float().cpu(),
             masks=self.pass_masks if hires else None,
         )

@@ -7,7 +7,7 @@ themselves live in ``freefuse.subjects`` and ``freefuse.tokens``.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from freefuse.settings import FreeFuseSettings
 from freefuse.subjects import LoraCandidate, SubjectPlan, resolve_subjects
@@ -71,30 +71,90 @@ def clip_tokens(sd_model, prompt: str) -> PromptTokens:
 def lora_candidates(prompt_with_tags: str) -> tuple[list[LoraCandidate], list[str]]:
     """The LoRAs Forge loaded for this batch, with their phrase sources; plus messages for missing ones."""
     import networks
-    from modules import extra_networks
 
     candidates = []
-    loaded_names = set()
     for net in networks.loaded_networks:
-        on_disk = net.network_on_disk
-        metadata = getattr(on_disk, "metadata", None) or {}
-        user = extra_networks.get_user_metadata(on_disk.filename) or {}
-        name = getattr(net, "mentioned_name", None) or net.name
-        loaded_names.add(name)
-        candidates.append(
-            LoraCandidate(
-                name=name,
-                filename=on_disk.filename,
-                activation_text=str(user.get("activation text", "") or ""),
-                trigger_phrase=str(metadata.get("modelspec.trigger_phrase", "") or ""),
-            )
-        )
-    messages = [
-        f"LoRA {tag!r} in the prompt was not loaded by Forge (unknown name?); it is not a FreeFuse subject"
-        for tag in dict.fromkeys(m.strip() for m in _LORA_TAG.findall(prompt_with_tags))
-        if tag not in loaded_names
+        candidates.append(_candidate(getattr(net, "mentioned_name", None) or net.name, net.network_on_disk))
+    return candidates, _not_loaded(prompt_with_tags, {c.name for c in candidates}, "was not loaded by Forge")
+
+
+def lora_candidates_on_disk(prompt_with_tags: str) -> tuple[list[LoraCandidate], list[str]]:
+    """The LoRAs the prompt's tags name, found as Forge's LoRA extension finds them, before it loads them
+    (the live preview); plus messages for names Forge does not know."""
+    import networks
+
+    candidates = []
+    for name in _tags(prompt_with_tags):
+        if name.lower() in networks.forbidden_network_aliases:
+            on_disk = networks.available_networks.get(name)
+        else:
+            on_disk = networks.available_network_aliases.get(name)
+        if on_disk is not None:
+            candidates.append(_candidate(name, on_disk))
+    return candidates, _not_loaded(prompt_with_tags, {c.name for c in candidates}, "is not a LoRA Forge knows")
+
+
+def _candidate(name: str, on_disk) -> LoraCandidate:
+    from modules import extra_networks
+
+    metadata = getattr(on_disk, "metadata", None) or {}
+    user = extra_networks.get_user_metadata(on_disk.filename) or {}
+    return LoraCandidate(
+        name=name,
+        filename=on_disk.filename,
+        activation_text=str(user.get("activation text", "") or ""),
+        trigger_phrase=str(metadata.get("modelspec.trigger_phrase", "") or ""),
+    )
+
+
+def _tags(prompt_with_tags: str) -> list[str]:
+    return list(dict.fromkeys(m.strip() for m in _LORA_TAG.findall(prompt_with_tags)))
+
+
+def _not_loaded(prompt_with_tags: str, found: set[str], why: str) -> list[str]:
+    return [
+        f"LoRA {tag!r} in the prompt {why} (unknown name?); it is not a FreeFuse subject"
+        for tag in _tags(prompt_with_tags)
+        if tag not in found
     ]
-    return candidates, messages
+
+
+@dataclass
+class Resolution:
+    """What FreeFuse makes of one prompt on one model: the tokens, the subjects, the background channel."""
+
+    tokens: PromptTokens | None = None
+    plan: SubjectPlan | None = None
+    background: list[int] | None = None
+    messages: list[str] = field(default_factory=list)  # everything to tell the user, in order
+
+    @property
+    def active(self) -> bool:
+        return self.plan is not None and self.plan.active
+
+
+def resolve_prompt(
+    settings: FreeFuseSettings,
+    sd_model,
+    family: str,
+    prompt: str,
+    steps: int,
+    candidates: list[LoraCandidate],
+    unusable: dict[str, str],
+) -> Resolution:
+    """The one resolution path of a generation and of the live preview: prompt syntax, the tokens the text
+    encoder sees, the subjects and their phrases, the background channel. ``prompt`` is tag-free."""
+    found = Resolution()
+    problem = prompt_problem(prompt, steps, family)
+    if problem:
+        found.messages.append(f"{problem}; FreeFuse does not run for this image")
+        return found
+    found.tokens = t5_tokens(sd_model, prompt) if family == "flux" else clip_tokens(sd_model, prompt)
+    found.plan = resolve(settings, found.tokens, candidates, unusable)
+    found.messages += found.plan.messages
+    if found.plan.active:
+        found.background = background_positions(settings, found.tokens, found.messages)
+    return found
 
 
 def background_positions(settings: FreeFuseSettings, tokens: PromptTokens, messages: list[str]) -> list[int] | None:

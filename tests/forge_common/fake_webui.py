@@ -69,8 +69,13 @@ def _modules(state) -> dict[str, types.ModuleType]:
     scripts = types.ModuleType("modules.scripts")
 
     class Script:
+        on_after_component_elem_id = None
+
         def elem_id(self, item):
             return f"script_txt2img_freefuse_{item}"
+
+        def on_after_component(self, callback, *, elem_id):
+            self.on_after_component_elem_id = [*(self.on_after_component_elem_id or []), (elem_id, callback)]
 
     scripts.Script = Script
     scripts.AlwaysVisible = object()
@@ -106,14 +111,23 @@ def _modules(state) -> dict[str, types.ModuleType]:
 
     extra_networks = types.ModuleType("modules.extra_networks")
     extra_networks.get_user_metadata = lambda filename, lister=None: dict(state.user_metadata.get(filename, {}))
+    extra_networks.parse_prompt = lambda prompt: (re.sub(r"<(\w+):([^>]+)>", "", prompt), {})
 
     networks = types.ModuleType("networks")
     networks.loaded_networks = state.loaded_networks
+    networks.available_networks = state.available_networks
+    networks.available_network_aliases = state.available_networks  # by name and alias, as Forge fills it
+    networks.forbidden_network_aliases = {}
+
+    sd_models = types.ModuleType("modules.sd_models")
+    sd_models.model_data = state.model_data
 
     modules.scripts, modules.script_callbacks, modules.ui_components = scripts, callbacks, ui_components
     modules.prompt_parser, modules.extra_networks, modules.shared = prompt_parser, extra_networks, shared
+    modules.sd_models = sd_models
     return {
         "modules.shared": shared,
+        "modules.sd_models": sd_models,
         "gradio": _gradio(),
         "modules": modules,
         "modules.scripts": scripts,
@@ -132,13 +146,21 @@ class WebuiState:
     loaded_networks: list = field(default_factory=list)
     user_metadata: dict = field(default_factory=dict)
     opts: types.SimpleNamespace = field(default_factory=lambda: types.SimpleNamespace(forge_preset="flux"))
+    available_networks: dict = field(default_factory=dict)  # the LoRA folder, as networks lists it
+    model_data: types.SimpleNamespace = field(default_factory=lambda: types.SimpleNamespace(sd_model=None))
 
     def load_lora(self, name: str, filename: str, metadata: dict | None = None, activation_text: str = ""):
-        """What networks.load_networks leaves behind for one <lora:name:w> tag."""
-        on_disk = types.SimpleNamespace(filename=filename, name=name, alias=name, metadata=metadata or {})
+        """What networks.load_networks leaves behind for one <lora:name:w> tag (the file is also on disk)."""
+        on_disk = self.put_lora(name, filename, metadata, activation_text)
         self.loaded_networks.append(types.SimpleNamespace(name=name, mentioned_name=name, network_on_disk=on_disk))
+
+    def put_lora(self, name: str, filename: str, metadata: dict | None = None, activation_text: str = ""):
+        """A LoRA file in the LoRA folder, as networks.list_available_networks lists it."""
+        on_disk = types.SimpleNamespace(filename=filename, name=name, alias=name, metadata=metadata or {})
+        self.available_networks[name] = on_disk
         if activation_text:
             self.user_metadata[filename] = {"activation text": activation_text}
+        return on_disk
 
 
 @contextmanager

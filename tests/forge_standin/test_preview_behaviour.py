@@ -1,0 +1,3 @@
+"""The live subject preview on the stand-in of Forge (see tests/forge_common/preview_behaviour.py)."""
+
+from tests.forge_common.preview_behaviour import *  # noqa: F403 - the shared behaviour tests
