@@ -64,6 +64,12 @@ def positional_names() -> list[str]:
     return [*names[:cut], VALUES_FOR, *names[cut:]]
 
 
+def positional_args(settings: FreeFuseSettings, values_for: str) -> list[Any]:
+    """``settings`` as the positional list the accordion sends (and an API client may send)."""
+    values = {**settings.to_dict(), VALUES_FOR: values_for}
+    return [values[name] for name in positional_names()]
+
+
 def positional_count() -> int:
     return len(positional_names())
 

@@ -224,6 +224,11 @@ class FreeFuseSettings:
         True, "Token exclusion", "Switch each subject LoRA off at the other subjects' words.", group="tokens",
         sdxl=False,
     )  # fmt: skip
+    # --- added after 0.1 (positional API: after "Values for")
+    save_mask_picture: bool = _knob(
+        False, "Save the mask picture", "Save it next to each saved image, as <image name>-freefuse-masks.png.",
+        group="main",
+    )  # fmt: skip
 
     # ------------------------------------------------------------------ construction
     @classmethod

@@ -84,6 +84,7 @@ class FreeFuseScript(scripts.Script):
             tell(p, note)
         self.generation = Generation(settings, family)
         self.generation.record_settings(p)
+        p.freefuse = self.generation  # the image_saved callback finds the generation through its p
 
     def process_before_every_sampling(self, p, *args, **kwargs):
         if self.generation is not None:
@@ -92,6 +93,10 @@ class FreeFuseScript(scripts.Script):
     def postprocess_batch(self, p, *args, images=None, batch_number=0, **kwargs):
         if self.generation is not None:
             self.generation.after_batch(p, images, batch_number)
+
+    def postprocess_image_after_composite(self, p, pp, *args):
+        if self.generation is not None:
+            self.generation.final_image(pp.image, pp.index)  # pp.index: the image's index in the job
 
     def postprocess(self, p, processed, *args):
         sessions.close_active()
@@ -136,6 +141,13 @@ def _guard_sampling(params) -> None:
     sessions.guard_sampling(unet, getattr(denoiser, "step", None))
 
 
+def _save_mask_picture(params) -> None:
+    """Every saved image: if FreeFuse drew masks for it, save the picture beside it (when asked to)."""
+    generation = getattr(params.p, "freefuse", None)
+    if generation is not None:
+        generation.image_saved(params.image, params.filename)
+
+
 def _from_infotext(name: str):
     def read(params: dict):
         settings = _pasted_settings(params[INFOTEXT_KEY]) if params.get(INFOTEXT_KEY) else None
@@ -169,3 +181,4 @@ _add_xyz_axes()  # xyz_grid.py (a root script) is loaded before extension script
 script_callbacks.on_before_ui(_add_xyz_axes)  # and again after a UI reload; adding is idempotent
 script_callbacks.on_script_unloaded(lambda: sessions.close_active("scripts reloaded"))
 script_callbacks.on_cfg_denoiser(_guard_sampling)
+script_callbacks.on_image_saved(_save_mask_picture)

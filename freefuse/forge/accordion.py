@@ -46,7 +46,9 @@ def build(elem_id, family: str) -> Accordion:
         with gr.Row():
             for name in ("mask_method", "schedule"):
                 c[name] = component(name, defaults, elem_id)
-        c["show_masks"] = component("show_masks", defaults, elem_id)
+        with gr.Row():
+            for name in ("show_masks", "save_mask_picture"):
+                c[name] = component(name, defaults, elem_id)
         ui.preview = gr.Markdown("", elem_id=elem_id("preview"))
         with gr.Accordion("Advanced", open=False):
             c[VALUES_FOR] = gr.Radio(

@@ -12,6 +12,7 @@ so any number and order of those calls gives the hires pass the first pass's mas
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -70,6 +71,8 @@ class Generation:
         self.pass_model = None  # the first pass's diffusion model
         self.pass_subjects: list[SubjectSpec] = []
         self.batch_patched = False
+        self.pictures: dict[int, object] = {}  # image index in the job -> its mask picture (PIL)
+        self._final_images: dict[int, int] = {}  # id() of each final image Forge will save -> its index
 
     def say(self, p, message: str) -> None:
         tell(p, message)
@@ -136,8 +139,8 @@ class Generation:
                     for c, s in enumerate(self.pass_subjects)
                 ]
                 self.summaries[first + i] = ", ".join(parts)
-            if self.settings.show_masks:
-                self._add_pictures(p, images, masks, [s.lora for s in self.pass_subjects])
+            if self.settings.show_masks or self.settings.save_mask_picture:
+                self._add_pictures(p, images, masks, [s.lora for s in self.pass_subjects], first)
         finally:
             sessions.close_active()
             self.batch_patched = False
@@ -220,19 +223,29 @@ class Generation:
             masks=self.pass_masks if hires else None,
         )
 
-    def _add_pictures(self, p, images: torch.Tensor, masks, labels: list[str]) -> None:
+    def final_image(self, image, index: int) -> None:
+        """postprocess_image_after_composite: the image Forge is about to save for job image ``index``."""
+        if index in self.pictures:
+            self._final_images[id(image)] = index
+
+    def image_saved(self, image, filename: str) -> None:
+        """on_image_saved: save the mask picture of that image beside it, named after it."""
+        index = self._final_images.pop(id(image), None)
+        if index is None or not self.settings.save_mask_picture:
+            return
+        stem, _ = os.path.splitext(filename)
+        self.pictures[index].save(f"{stem}-freefuse-masks.png")
+
+    def _add_pictures(self, p, images: torch.Tensor, masks, labels: list[str], first: int) -> None:
         height, width = images.shape[-2:]
         for i in range(masks.masks.shape[0]):
             image = tensor_to_image(images[i]) if i < images.shape[0] else None
-            p.extra_result_images.append(
-                mask_overlay(
-                    masks.masks[i],
-                    (height, width),
-                    image=image,
-                    background=masks.background[i],
-                    labels=labels,
-                )
+            picture = mask_overlay(
+                masks.masks[i], (height, width), image=image, background=masks.background[i], labels=labels
             )
+            self.pictures[first + i] = picture
+            if self.settings.show_masks:
+                p.extra_result_images.append(picture)
 
 
 def _tagged_prompt(p, hires: bool) -> str | None:

@@ -1,12 +1,12 @@
 """Script arguments in both API forms, "Values for", and XYZ overrides."""
 
-from freefuse.script_args import XYZ_AXES, positional_count, positional_names, settings_from_args
+from freefuse.script_args import XYZ_AXES, positional_args, positional_count, positional_names, settings_from_args
 from freefuse.settings import FreeFuseSettings, family_knobs, setting_names
 
 
 def ui_values(family="flux", **changes):
     """The accordion's values as Forge passes them: every setting in UI order, then "Values for"."""
-    return [*FreeFuseSettings.defaults(family).replace(**changes).to_dict().values(), family]
+    return positional_args(FreeFuseSettings.defaults(family).replace(**changes), family)
 
 
 def test_the_positional_order_is_a_contract_values_for_follows_token_exclusion():
@@ -27,7 +27,8 @@ def test_positional_args_follow_the_ui_order_and_missing_ones_default():
 def test_the_full_ui_list_round_trips():
     s = FreeFuseSettings.defaults("flux").replace(enabled=True, temperature=123.0)
     assert settings_from_args(ui_values(enabled=True, temperature=123.0)).settings == s
-    assert settings_from_args(list(s.to_dict().values())).settings == s  # without "Values for": FLUX
+    v01 = positional_args(s, "flux")[: positional_names().index("values_for")]  # a 0.1 call: no "Values for"
+    assert settings_from_args(v01).settings == s
 
 
 def test_a_dict_replaces_the_positional_form_even_with_trailing_ui_defaults():
@@ -48,11 +49,10 @@ def test_too_many_positional_args_are_refused():
 
 
 def test_a_values_for_that_is_no_family_is_refused_while_on():
-    assert (
-        "values_for must be one of flux, sdxl"
-        in settings_from_args([*ui_values(enabled=True)[:-1], "sd15"]).problems[0]
-    )
-    assert settings_from_args([*ui_values()[:-1], "sd15"]).problems == []  # off: nothing to complain about
+    cut = positional_names().index("values_for")
+    wrong = [*ui_values(enabled=True)[:cut], "sd15"]
+    assert "values_for must be one of flux, sdxl" in settings_from_args(wrong).problems[0]
+    assert settings_from_args([*ui_values()[:cut], "sd15"]).problems == []  # off: nothing to complain about
 
 
 def test_xyz_overrides_win_and_are_validated():
@@ -83,7 +83,9 @@ def test_values_for_the_other_family_left_at_its_defaults_take_the_models_with_a
 
 
 def test_old_positional_calls_without_values_for_read_as_flux_values():
-    parsed = settings_from_args(ui_values("flux", enabled=True)[:-1], family="sdxl")
+    parsed = settings_from_args(
+        ui_values("flux", enabled=True)[: positional_names().index("values_for")], family="sdxl"
+    )
     assert parsed.settings == FreeFuseSettings.defaults("sdxl").replace(enabled=True)
     assert parsed.notes == [
         "the values are set for FLUX but this is an SDXL model: the SDXL defaults are used; to choose them "

@@ -85,6 +85,7 @@ def _modules(state) -> dict[str, types.ModuleType]:
     callbacks.on_before_ui = lambda fn: state.callbacks.setdefault("before_ui", []).append(fn)
     callbacks.on_script_unloaded = lambda fn: state.callbacks.setdefault("script_unloaded", []).append(fn)
     callbacks.on_cfg_denoiser = lambda fn: state.callbacks.setdefault("cfg_denoiser", []).append(fn)
+    callbacks.on_image_saved = lambda fn: state.callbacks.setdefault("image_saved", []).append(fn)
 
     shared = types.ModuleType("modules.shared")
     shared.opts = state.opts

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from freefuse.forge import session as sessions
+from freefuse.script_args import positional_args, positional_names
 from freefuse.settings import FreeFuseSettings, setting_names
 from tests.forge_common.fake_webui import Processing, T5Engine, installed_webui
 
@@ -93,8 +94,7 @@ def test_ui_returns_one_component_per_setting_in_settings_order(webui):
     components = script.ui(False)
     assert len(components) == len(setting_names()) + 1  # every setting, and "Values for" after Token exclusion
     assert components[0].value is False  # the accordion is off by default
-    assert [c.value for c in components[1:-1]] == list(FreeFuseSettings.defaults("flux").to_dict().values())[1:]
-    assert components[-1].value == "flux"
+    assert [c.value for c in components] == [False, *positional_args(FreeFuseSettings.defaults("flux"), "flux")[1:]]
     assert len(script.infotext_fields) == len(components)
     assert script.show(True) is False and script.show(False) is webui.module.scripts.AlwaysVisible
 
@@ -178,7 +178,7 @@ def test_infotext_paste_back_restores_every_setting(webui):
     chosen = FreeFuseSettings.defaults("flux").replace(enabled=True, mask_method="paper", temperature=300.0)
     params = {"FreeFuse": chosen.to_infotext("flux")}
     restored = [reader(params) if callable(reader) else params.get(reader) for _, reader in script.infotext_fields]
-    assert restored == [*chosen.to_dict().values(), "flux"]
+    assert restored == positional_args(chosen, "flux")
     assert script.infotext_fields[0][1]({}) is False  # no FreeFuse key: the accordion stays closed
 
 
@@ -193,7 +193,7 @@ def test_a_pasted_sdxl_infotext_reproduces_its_values_even_where_they_equal_flux
     )
     params = {"FreeFuse": chosen.to_infotext("sdxl")}
     restored = [reader(params) for _, reader in script.infotext_fields]
-    assert restored[-1] == "sdxl"  # "Values for" follows the recorded family
+    assert restored[positional_names().index("values_for")] == "sdxl"  # "Values for" follows the recorded family
     parsed = settings_from_args(restored, family="sdxl")
     assert parsed.settings == chosen and parsed.notes == []
 
@@ -203,7 +203,7 @@ def test_switching_values_for_fills_in_that_familys_defaults(webui):
 
     script = webui.module.FreeFuseScript()
     components = script.ui(False)
-    values_for = components[-1]
+    values_for = components[positional_names().index("values_for")]
     ((event, fill, inputs, outputs),) = values_for.events
     assert event == "input" and inputs == [values_for]  # user input only: a paste-back must not refill
     by_name = dict(zip(setting_names(), components, strict=False))
@@ -215,8 +215,7 @@ def test_switching_values_for_fills_in_that_familys_defaults(webui):
 def test_the_accordion_starts_with_sdxl_values_under_forges_xl_preset(webui):
     webui.opts.forge_preset = "xl"
     components = webui.module.FreeFuseScript().ui(False)
-    assert components[-1].value == "sdxl"
-    assert [c.value for c in components[1:-1]] == list(FreeFuseSettings.defaults("sdxl").to_dict().values())[1:]
+    assert [c.value for c in components] == [False, *positional_args(FreeFuseSettings.defaults("sdxl"), "sdxl")[1:]]
 
 
 def test_xyz_axes_are_offered_and_override_the_ui(harness, webui, model):
@@ -270,7 +269,7 @@ def test_sdxl_subjects_are_found_on_clip_chunks_and_get_masks(harness, webui, sd
 
 def test_sdxl_untouched_ui_values_take_the_sdxl_defaults(harness, webui, sdxl_model):
     unet, both, loras = sdxl_model
-    ui = list(FreeFuseSettings.defaults("flux").replace(enabled=True).to_dict().values())
+    ui = positional_args(FreeFuseSettings.defaults("flux").replace(enabled=True), "flux")
     p = generate(harness, webui, both, ui, cfg=5.0, steps=10, n_txt=77)
     (comment,) = p.comments
     assert "set for FLUX but this is an SDXL model: the SDXL defaults are used" in comment

@@ -240,3 +240,61 @@ def test_the_step_callback_closes_what_a_failed_generation_left_before_another_t
     for callback in webui.callbacks["cfg_denoiser"]:
         callback(_denoiser_params(other, 0))
     assert sessions.active() is None and harness.flux_module.attention is attention
+
+
+# ---------------------------------------------------------------------- the mask picture beside the saved image
+def _save_like_forge(webui, job, p, folder):
+    """processing.py's per-image loop: postprocess_image_after_composite, then images.save_image, whose
+    image_saved callbacks get the file name; then a grid, saved the same way."""
+    from PIL import Image
+
+    saved = []
+    for index in range(len(p.all_prompts)):
+        pp = types.SimpleNamespace(image=Image.new("RGB", (64, 64)), index=index)
+        job.script.postprocess_image_after_composite(p, pp, ON)
+        filename = str(folder / f"0000{index}-{21 + index}.png")
+        pp.image.save(filename)
+        for callback in webui.callbacks["image_saved"]:
+            callback(types.SimpleNamespace(image=pp.image, p=p, filename=filename, pnginfo={}))
+        saved.append(filename)
+    grid = folder / "grid-0000.png"
+    for callback in webui.callbacks["image_saved"]:
+        callback(types.SimpleNamespace(image=Image.new("RGB", (8, 8)), p=p, filename=str(grid), pnginfo={}))
+    return saved
+
+
+def test_the_mask_picture_is_saved_beside_each_saved_image_when_asked(harness, webui, model, tmp_path):
+    unet, both, loras = model
+    job = Job(harness, webui, [{**ON, "save_mask_picture": True}], n_iter=2)
+    p = job.start(both)
+    job.batch(0, both)
+    job.batch(1, both)
+    job.finish()
+    saved = _save_like_forge(webui, job, p, tmp_path)
+    for index, filename in enumerate(saved):
+        beside = tmp_path / filename.replace(".png", "-freefuse-masks.png").split("/")[-1]
+        assert beside.is_file()
+        assert beside.read_bytes() == _png_bytes(p.extra_result_images[index])
+    assert sorted(f.name for f in tmp_path.iterdir() if "freefuse" in f.name) == [
+        "00000-21-freefuse-masks.png",
+        "00001-22-freefuse-masks.png",
+    ]  # nothing beside the grid
+
+
+def test_without_the_option_nothing_is_saved_beside_the_images(harness, webui, model, tmp_path):
+    unet, both, loras = model
+    job = Job(harness, webui, [ON])
+    p = job.start(both)
+    job.batch(0, both)
+    job.finish()
+    _save_like_forge(webui, job, p, tmp_path)
+    assert not [f for f in tmp_path.iterdir() if "freefuse" in f.name]
+    assert len(p.extra_result_images) == 1  # still shown in the gallery
+
+
+def _png_bytes(image) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()

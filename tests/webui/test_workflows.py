@@ -14,6 +14,7 @@ import re
 import numpy as np
 import pytest
 
+from freefuse.script_args import positional_args, positional_names
 from freefuse.settings import FreeFuseSettings
 from tests.webui.payloads import (
     FLUX_SUBJECTS_PROMPT,
@@ -54,6 +55,10 @@ def notes(result, index=0) -> str:
 
 
 def same(a, b) -> bool:
+    """Pixel-equal images (PIL images or PNG files)."""
+    from PIL import Image
+
+    a, b = (Image.open(x) if not hasattr(x, "convert") else x for x in (a, b))
     return np.array_equal(pixels(a), pixels(b))
 
 
@@ -65,7 +70,7 @@ def test_the_dict_and_the_positional_forms_give_the_same_image(webui, checkpoint
     subjects = "harry: harry\ndaiyu: daiyu" if family == "flux" else "asuka: asuka\nrei: rei"
     named = webui.txt2img({**payload, "prompt": prompt, "alwayson_scripts": freefuse(subjects=subjects)})
     chosen = FreeFuseSettings.defaults(family).replace(enabled=True, subjects=subjects)
-    positional = [*chosen.to_dict().values(), family]
+    positional = positional_args(chosen, family)
     listed = webui.txt2img({**payload, "prompt": prompt, "alwayson_scripts": {"FreeFuse": {"args": positional}}})
     assert same(named.images[0], listed.images[0]) and same(named.images[1], listed.images[1])
     assert notes(named) == "" and entry(named.infotexts[0], "FreeFuse").startswith(f"family={family}; subjects=")
@@ -149,7 +154,7 @@ def test_sdxl_values_equal_to_flux_defaults_are_used_and_a_pasted_infotext_repro
     chosen = FreeFuseSettings.defaults("sdxl").replace(
         enabled=True, morphology=True, eos_background=True, temperature=flux.temperature, capture_step=4
     )
-    args = [*chosen.to_dict().values(), "sdxl"]  # the accordion, "Values for: SDXL"
+    args = positional_args(chosen, "sdxl")  # the accordion, "Values for: SDXL"
     body = {**SDXL_TXT2IMG, "prompt": SDXL_SUBJECTS_PROMPT}
     first = webui.txt2img({**body, "alwayson_scripts": {"FreeFuse": {"args": args}}})
     recorded = entry(first.infotexts[0], "FreeFuse")
@@ -166,7 +171,8 @@ def test_sdxl_values_equal_to_flux_defaults_are_used_and_a_pasted_infotext_repro
 
 def test_flux_values_on_an_sdxl_model_take_its_defaults_and_say_which(webui):
     webui.select_model("sdxl_a")
-    old_call = [*FreeFuseSettings.defaults("flux").replace(enabled=True).to_dict().values()]  # no "Values for"
+    cut = positional_names().index("values_for")  # a call written for 0.1: no "Values for"
+    old_call = positional_args(FreeFuseSettings.defaults("flux").replace(enabled=True), "flux")[:cut]
     result = webui.txt2img(
         {**SDXL_TXT2IMG, "prompt": SDXL_SUBJECTS_PROMPT, "alwayson_scripts": {"FreeFuse": {"args": old_call}}}
     )
@@ -295,3 +301,21 @@ def test_freefuse_runs_with_fp8_storage(webui):
         assert f"Diffusion in Low Bits: {FP8}" in result.infotexts[0]
     finally:
         webui.select_model("flux_a")
+
+
+# ---------------------------------------------------------------------- the mask picture can be kept
+def test_the_mask_picture_is_saved_beside_the_saved_image(webui, tmp_path):
+    webui.select_model("flux_a")
+    webui.set_options(samples_save=True, outdir_txt2img_samples=str(tmp_path))
+    try:
+        body = {**FLUX_TXT2IMG, "prompt": FLUX_SUBJECTS_PROMPT, "save_images": True}
+        result = webui.txt2img({**body, "alwayson_scripts": freefuse(save_mask_picture=True)})
+        shown_only = webui.txt2img({**body, "seed": 2, "alwayson_scripts": freefuse()})
+    finally:
+        webui.set_options(samples_save=False)
+    saved = sorted(tmp_path.rglob("*.png"))
+    pictures = [path for path in saved if path.name.endswith("-freefuse-masks.png")]
+    assert len(pictures) == 1 and len(saved) == 3, saved  # two images, one picture: only where asked
+    image = pictures[0].with_name(pictures[0].name.replace("-freefuse-masks.png", ".png"))
+    assert image in saved and same(pictures[0], result.images[1])  # the picture the API returned, named after it
+    assert len(shown_only.images) == 2
