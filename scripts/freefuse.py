@@ -34,6 +34,7 @@ class FreeFuseScript(scripts.Script):
     def __init__(self):
         self.generation: Generation | None = None
         self.prompt_box = None  # txt2img's prompt textbox, for the live preview
+        self._watching_prompt = False
 
     def title(self):
         return TITLE
@@ -41,7 +42,8 @@ class FreeFuseScript(scripts.Script):
     def show(self, is_img2img):
         if is_img2img:
             return False
-        if self.prompt_box is None:
+        if not self._watching_prompt:  # show() is called again and again (Script.elem_id calls it)
+            self._watching_prompt = True
             self.on_after_component(self._remember_prompt, elem_id="txt2img_prompt")
         return scripts.AlwaysVisible
 

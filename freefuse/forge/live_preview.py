@@ -35,8 +35,8 @@ def _preview(prompt: str, subjects: str) -> str:
     from modules import extra_networks, sd_models
 
     sd_model = getattr(sd_models.model_data, "sd_model", None)
-    if sd_model is None:
-        return "_Load a checkpoint to see which LoRAs FreeFuse will treat as subjects._"
+    if getattr(sd_model, "forge_objects", None) is None:  # None, or Forge's placeholder before the first load
+        return "_Forge loads the checkpoint at the first generation; the preview shows from then on._"
     diffusion_model = sd_model.forge_objects.unet.model.diffusion_model
     family = family_name(diffusion_model)
     if family is None:

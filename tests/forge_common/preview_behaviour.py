@@ -78,7 +78,9 @@ def test_the_preview_and_a_generation_resolve_the_same_subjects(harness, webui):
 
 def test_the_preview_waits_for_a_model_and_says_when_it_is_not_supported(harness, webui):
     assert _preview(False, PROMPT) == ""
-    assert "Load a checkpoint" in _preview(True, PROMPT)
+    assert "loads the checkpoint at the first generation" in _preview(True, PROMPT)
+    webui.model_data.sd_model = types.SimpleNamespace()  # Forge's FakeInitialModel until the first load
+    assert "loads the checkpoint at the first generation" in _preview(True, PROMPT)
     unsupported = harness.make_flux_unet(seed=0).clone()
     unsupported.model = types.SimpleNamespace(diffusion_model=torch.nn.Identity())  # an SD 1.5 UNet, say
     _loaded(webui, unsupported)
