@@ -24,23 +24,26 @@ from freefuse.settings import (
     FreeFuseSettings,
     SettingsError,
     family_knobs,
+    setting_meta,
     setting_names,
 )
 
 FAMILY_LABELS = {"flux": "FLUX", "sdxl": "SDXL"}
 
-# XYZ plot axes: (label, setting, value type, choices or None)
-XYZ_AXES: tuple[tuple[str, str, type, list[str] | None], ...] = (
-    ("[FreeFuse] Enabled", "enabled", str, ["True", "False"]),
-    ("[FreeFuse] Mask method", "mask_method", str, list(MASK_METHODS)),
-    ("[FreeFuse] Schedule", "schedule", str, list(SCHEDULES)),
-    ("[FreeFuse] Capture block", "capture_block", int, None),
-    ("[FreeFuse] Capture step", "capture_step", int, None),
-    ("[FreeFuse] Top-k ratio", "top_k_ratio", float, None),
-    ("[FreeFuse] Temperature", "temperature", float, None),
-    ("[FreeFuse] Bias scale", "bias_scale", float, None),
-    ("[FreeFuse] Positive bias scale", "bias_positive_scale", float, None),
-    ("[FreeFuse] Background scale", "bg_scale", float, None),
+# XYZ plot axes: (label, setting, value type, choices or None); labels are the accordion's
+_XYZ_SETTINGS = (
+    "enabled", "mask_method", "schedule", "capture_block", "capture_step", "top_k_ratio", "temperature",
+    "bias_scale", "bias_positive_scale", "bg_scale",
+)  # fmt: skip
+_XYZ_CHOICES = {"enabled": ["True", "False"], "mask_method": list(MASK_METHODS), "schedule": list(SCHEDULES)}
+XYZ_AXES: tuple[tuple[str, str, type, list[str] | None], ...] = tuple(
+    (
+        f"[FreeFuse] {setting_meta(name)['label'] if name != 'enabled' else 'Enabled'}",
+        name,
+        str if name in _XYZ_CHOICES else type(getattr(FreeFuseSettings(), name)),
+        _XYZ_CHOICES.get(name),
+    )
+    for name in _XYZ_SETTINGS
 )
 
 
