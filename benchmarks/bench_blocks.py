@@ -39,6 +39,7 @@ from bench_forge import harness_context  # noqa: E402
 from memory import PeakMemory, mib  # noqa: E402
 
 from freefuse.forge import session as sessions  # noqa: E402
+from tests.forge_common.harness_conventions import FLUX1_WIDTHS, SDXL_WIDTHS  # noqa: E402
 from freefuse.forge.session import Plan, Session, SubjectSpec  # noqa: E402
 from freefuse.partition import SubjectMasks  # noqa: E402
 from freefuse.settings import FreeFuseSettings  # noqa: E402
@@ -89,18 +90,13 @@ class BlockTimer:
 
 
 def build(harness, family: str):
+    """The real widths, one block per kind (FLUX) / one transformer block per attention level (SDXL)."""
     if family == "flux":
-        return harness.make_flux_unet(n_double=1, n_single=1, hidden=3072, heads=24, context_dim=4096, vec_dim=768)
-    return harness.make_sdxl_unet(
-        model_channels=320,
-        transformer_depth=(0, 0, 1, 1, 1, 1),
-        transformer_depth_middle=1,
-        transformer_depth_output=(0, 0, 0, 1, 1, 1, 1, 1, 1),
-        channel_mult=(1, 2, 4),
-        num_head_channels=64,
-        context_dim=2048,
-        adm_in_channels=2816,
+        return harness.make_flux_unet(n_double=1, n_single=1, **FLUX1_WIDTHS)
+    one_each = dict(
+        transformer_depth=(0, 0, 1, 1, 1, 1), transformer_depth_middle=1, transformer_depth_output=(0, 0, 0, *[1] * 6)
     )
+    return harness.make_sdxl_unet(**SDXL_WIDTHS, **one_each)
 
 
 def planted_masks(x, family: str, n_subjects: int) -> SubjectMasks:

@@ -41,6 +41,7 @@ import bench_maps  # noqa: E402
 from memory import PeakMemory, mib  # noqa: E402
 
 from freefuse.forge import session as sessions  # noqa: E402
+from tests.forge_common.harness_conventions import FLUX1_WIDTHS, SDXL_DEPTHS, SDXL_WIDTHS  # noqa: E402
 from freefuse.forge.session import Plan, Session, SubjectSpec  # noqa: E402
 from freefuse.settings import FreeFuseSettings  # noqa: E402
 
@@ -65,24 +66,12 @@ def build(harness, family: str, tiny: bool, dtype: torch.dtype):
     if family == "flux":
         if tiny:
             return harness.make_flux_unet(n_double=19, n_single=38, hidden=64, heads=2, context_dim=32, dtype=dtype)
-        return harness.make_flux_unet(
-            n_double=19, n_single=38, hidden=3072, heads=24, context_dim=4096, vec_dim=768, dtype=dtype
-        )
+        return harness.make_flux_unet(n_double=19, n_single=38, **FLUX1_WIDTHS, dtype=dtype)
     if tiny:
         return harness.make_sdxl_unet(
             transformer_depth_output=(0, 0, 0, 1, 1, 1, 4, 4, 4), transformer_depth=(0, 0, 1, 1, 4, 4), dtype=dtype
         )
-    return harness.make_sdxl_unet(  # SDXL base 1.0's UNet config
-        model_channels=320,
-        transformer_depth=(0, 0, 2, 2, 10, 10),
-        transformer_depth_middle=10,
-        transformer_depth_output=(0, 0, 0, 2, 2, 2, 10, 10, 10),
-        channel_mult=(1, 2, 4),
-        num_head_channels=64,
-        context_dim=2048,
-        adm_in_channels=2816,
-        dtype=dtype,
-    )
+    return harness.make_sdxl_unet(**SDXL_WIDTHS, **SDXL_DEPTHS, dtype=dtype)  # SDXL base 1.0's UNet config
 
 
 class Sampled:

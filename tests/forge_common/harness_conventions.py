@@ -117,6 +117,18 @@ def rope_axes_dim(head_dim: int) -> list[int]:
     return [first, second, head_dim - first - second]
 
 
+# The real models' widths, for full-size benchmarks (make_flux_unet / make_sdxl_unet keyword arguments)
+FLUX1_WIDTHS = dict(hidden=3072, heads=24, context_dim=4096, vec_dim=768)  # FLUX.1 (19 double / 38 single)
+SDXL_WIDTHS = dict(
+    model_channels=320, channel_mult=(1, 2, 4), num_head_channels=64, context_dim=2048, adm_in_channels=2816
+)
+SDXL_DEPTHS = dict(  # SDXL base 1.0's transformer depths
+    transformer_depth=(0, 0, 2, 2, 10, 10),
+    transformer_depth_middle=10,
+    transformer_depth_output=(0, 0, 0, 2, 2, 2, 10, 10, 10),
+)
+
+
 def flux_config(
     *, n_double: int, n_single: int, hidden: int, heads: int, context_dim: int, vec_dim: int, guidance: bool
 ) -> dict:
