@@ -39,10 +39,10 @@ from bench_forge import harness_context  # noqa: E402
 from memory import PeakMemory, mib  # noqa: E402
 
 from freefuse.forge import session as sessions  # noqa: E402
-from tests.forge_common.harness_conventions import FLUX1_WIDTHS, SDXL_WIDTHS  # noqa: E402
 from freefuse.forge.session import Plan, Session, SubjectSpec  # noqa: E402
 from freefuse.partition import SubjectMasks  # noqa: E402
 from freefuse.settings import FreeFuseSettings  # noqa: E402
+from tests.forge_common.harness_conventions import FLUX1_WIDTHS, SDXL_WIDTHS  # noqa: E402
 
 FAMILIES = {
     "flux": dict(

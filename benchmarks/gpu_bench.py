@@ -41,9 +41,9 @@ import bench_maps  # noqa: E402
 from memory import PeakMemory, mib  # noqa: E402
 
 from freefuse.forge import session as sessions  # noqa: E402
-from tests.forge_common.harness_conventions import FLUX1_WIDTHS, SDXL_DEPTHS, SDXL_WIDTHS  # noqa: E402
 from freefuse.forge.session import Plan, Session, SubjectSpec  # noqa: E402
 from freefuse.settings import FreeFuseSettings  # noqa: E402
+from tests.forge_common.harness_conventions import FLUX1_WIDTHS, SDXL_DEPTHS, SDXL_WIDTHS  # noqa: E402
 
 FULL = {
     "flux": dict(steps=28, size=1024, cfg=1.0, n_txt=512, dtype=torch.bfloat16),
