@@ -63,8 +63,8 @@ class FreeFuseScript(scripts.Script):
                     show_progress=False,
                     trigger_mode="always_last",
                 )
-        readers = {name: _from_infotext(name) for name in c if name not in ("enabled", VALUES_FOR)}
-        readers.update(enabled=lambda d: INFOTEXT_KEY in d, values_for=_family_from_infotext)
+        readers = {name: _from_infotext(name) for name in c if name != "enabled"}
+        readers.update(enabled=lambda d: INFOTEXT_KEY in d)
         order = positional_names()  # the positional API's order: a contract
         self.infotext_fields = [(c[name], readers[name]) for name in order]
         self.paste_field_names = []
@@ -113,24 +113,14 @@ def _model_family(p) -> str:
 
 
 @functools.lru_cache(maxsize=8)
-def _pasted_settings(text: str) -> FreeFuseSettings | None:
-    """The settings in a pasted infotext value (parsed once for all the components), or None if unusable."""
+def _pasted(text: str) -> dict | None:
+    """A pasted FreeFuse infotext value as {setting or "values_for": value} (parsed once for all the
+    components), or None if unusable. Its values are for the family it was recorded on."""
     try:
-        return FreeFuseSettings.from_infotext(text)[0]
+        settings, family = FreeFuseSettings.from_infotext(text)
     except ValueError:
         return None
-
-
-def _family_from_infotext(params: dict):
-    """The family a pasted FreeFuse entry was recorded on: its values are for that family."""
-    text = params.get(INFOTEXT_KEY)
-    if not text:
-        return gr.update()
-    try:
-        family = FreeFuseSettings.from_infotext(text)[1]
-    except ValueError:
-        return gr.update()
-    return family if family in FAMILY_LABELS else gr.update()
+    return {**settings.to_dict(), VALUES_FOR: family if family in FAMILY_LABELS else "flux"}
 
 
 def _guard_sampling(params) -> None:
@@ -152,8 +142,8 @@ def _save_mask_picture(params) -> None:
 
 def _from_infotext(name: str):
     def read(params: dict):
-        settings = _pasted_settings(params[INFOTEXT_KEY]) if params.get(INFOTEXT_KEY) else None
-        return gr.update() if settings is None else getattr(settings, name)
+        values = _pasted(params[INFOTEXT_KEY]) if params.get(INFOTEXT_KEY) else None
+        return gr.update() if values is None else values[name]
 
     return read
 
