@@ -3,6 +3,11 @@
 The maths is the core's (freefuse.bias builds the factors, freefuse.attention runs attention with them); this
 file picks the call's rows, text length and image grid, caches per call shape, and falls back from the channels
 form to the dense mask once, with a message, if the attention call refuses the wider head dimension.
+
+The form follows the layout unless a caller sets one: FLUX's joint attention takes the channels (its dense bias
+is (T + N)^2 per image, 85 MB at 1024x1024, and keeps attention off its fastest kernels); a UNet's cross
+attention takes the dense bias, which is only N x 77 there, while widening its 64-wide heads by a quarter costs
+more (measured in benchmarks/bench_blocks.py).
 """
 
 from __future__ import annotations
@@ -17,12 +22,13 @@ from freefuse.bias import BiasFactors, call_bias_factors
 
 log = logging.getLogger("freefuse")
 FORMS = ("channels", "dense")
+DEFAULT_FORMS = {"joint": "channels", "cross": "dense"}
 
 
 class SessionBias:
-    def __init__(self, session, form: str = "channels"):
+    def __init__(self, session, form: str | None = None):
         self.session = session
-        self.form = form  # "channels" (no L x L tensor) or "dense" (the fallback)
+        self.form = form  # "channels", "dense", or None: the layout's default (DEFAULT_FORMS)
         self._said = False
 
     def grid(self, family, **where) -> tuple[int, int] | None:
@@ -36,7 +42,7 @@ class SessionBias:
     def attend(self, layout: str, grid: tuple[int, int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
         """Attention of q ``[B, H, L_q, D]`` over k, v ``[B, H, L_k, D]`` with the current call's bias."""
         factors = self._factors(layout, grid, q.device)
-        if self.form == "channels":
+        if (self.form or DEFAULT_FORMS[layout]) == "channels":
             try:
                 out = attention_bias_channels(q, k, v, factors)
                 self._say_once(

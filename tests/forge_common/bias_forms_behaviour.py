@@ -114,3 +114,18 @@ def test_the_dense_form_is_the_fallback_and_says_so(flux, sdpa_masks, monkeypatc
     (message,) = runner.session.messages
     assert "dense mask" in message and "head dimension 72" in message
     assert any(mask is not None for mask in sdpa_masks)
+
+
+def test_by_default_flux_joint_attention_takes_channels_and_sdxl_cross_attention_the_small_dense_bias(
+    flux, sdxl, sdpa_masks
+):
+    for (harness, unet, loras), make in ((flux, Runner), (sdxl, sdxl_behaviour.runner)):
+        settings = (flux_behaviour if make is Runner else sdxl_behaviour)._settings(attention_bias=True)
+        both = harness.add_loras(unet, [(loras["A"], 1.0), (loras["B"], 1.0)])
+        sdpa_masks.clear()
+        make(harness, settings, [loras["A"], loras["B"]], masks=("left", "right")).sample(both, seed=21, steps=2)
+        masks = [shape for shape in sdpa_masks if shape is not None]
+        if make is Runner:
+            assert masks == []  # no (T + N)^2 tensor
+        else:
+            assert masks and all(shape[-1] == 77 for shape in masks)  # [rows, 1, N, 77]: N x 77 per image
