@@ -174,11 +174,6 @@ def call_bias_factors(
     return BiasFactors(bias_for_call(per_image.query, cond_or_uncond), torch.cat([per_image.key] * len(cond_or_uncond)))
 
 
-def call_attention_bias(*args, **kwargs) -> Tensor:
-    """Dense ``call_bias_factors`` (same arguments): [rows, T+N, T+N] (joint) or [rows, N, T] (cross)."""
-    return call_bias_factors(*args, **kwargs).dense()
-
-
 def bias_for_call(per_image: Tensor, cond_or_uncond: Sequence[int]) -> Tensor:
     """Per-image rows ``[B_img, ...]`` stacked for a call of ``len(cond_or_uncond)`` chunks of ``B_img`` rows.
 

@@ -73,10 +73,6 @@ def positional_args(settings: FreeFuseSettings, values_for: str) -> list[Any]:
     return [values[name] for name in positional_names()]
 
 
-def positional_count() -> int:
-    return len(positional_names())
-
-
 def settings_from_args(
     args: Sequence[Any], family: str = "flux", overrides: dict[str, Any] | None = None
 ) -> ParsedArgs:

@@ -371,11 +371,6 @@ def _coerce(raw: Any, kind: type) -> Any:
     raise TypeError(kind)
 
 
-def setting_help(name: str) -> str:
-    """The one line of help of a setting."""
-    return setting_meta(name)["help"]
-
-
 def setting_meta(name: str) -> dict[str, Any]:
     """Everything the accordion needs about a setting: label, help, group, bounds, step, slider, choices."""
     for f in fields(FreeFuseSettings):

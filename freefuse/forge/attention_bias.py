@@ -21,7 +21,6 @@ from freefuse.attention import attention_bias_channels, attention_bias_dense, pa
 from freefuse.bias import BiasFactors, call_bias_factors
 
 log = logging.getLogger("freefuse")
-FORMS = ("channels", "dense")
 DEFAULT_FORMS = {"joint": "channels", "cross": "dense"}
 
 

@@ -233,7 +233,10 @@ def test_bad_block_specs_list_the_accepted_forms(spec):
 
 
 def test_a_calls_bias_repeats_cond_positions_with_the_text_and_leaves_uncond_rows_alone():
-    from freefuse.bias import call_attention_bias
+    from freefuse.bias import call_bias_factors
+
+    def call_attention_bias(*args, **kwargs):
+        return call_bias_factors(*args, **kwargs).dense()
 
     masks = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]])  # [B=1, C=2, N=2]
     cross = call_attention_bias(

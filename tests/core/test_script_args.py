@@ -1,6 +1,6 @@
 """Script arguments in both API forms, "Values for", and XYZ overrides."""
 
-from freefuse.script_args import XYZ_AXES, positional_args, positional_count, positional_names, settings_from_args
+from freefuse.script_args import XYZ_AXES, positional_args, positional_names, settings_from_args
 from freefuse.settings import FreeFuseSettings, family_knobs, setting_names
 
 
@@ -44,7 +44,7 @@ def test_bad_dicts_name_every_problem():
 
 
 def test_too_many_positional_args_are_refused():
-    parsed = settings_from_args([True] * (positional_count() + 1))
+    parsed = settings_from_args([True] * (len(positional_names()) + 1))
     assert parsed.settings is None and "positional arguments" in parsed.problems[0]
 
 

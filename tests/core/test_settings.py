@@ -5,7 +5,7 @@ from hypothesis import given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 
-from freefuse.settings import FreeFuseSettings, SettingsError, setting_help, setting_names
+from freefuse.settings import FreeFuseSettings, SettingsError, setting_meta, setting_names
 
 
 def test_flux_defaults_follow_the_official_code():
@@ -92,7 +92,7 @@ def test_missing_keys_take_the_family_default():
 
 def test_every_setting_has_a_tooltip():
     for name in setting_names():
-        assert len(setting_help(name)) > 10, name
+        assert len(setting_meta(name)["help"]) > 10, name
 
 
 _values = st.fixed_dictionaries(
