@@ -71,7 +71,7 @@ class Generation:
         self.pass_model = None  # the first pass's diffusion model
         self.pass_subjects: list[SubjectSpec] = []
         self.batch_patched = False
-        self.pictures: dict[int, object] = {}  # image index in the job -> its mask picture (PIL)
+        self.pictures: dict[int, object] = {}  # image index in the job -> its mask picture (PIL), to be saved
         self._final_images: dict[int, int] = {}  # id() of each final image Forge will save -> its index
 
     def say(self, p, message: str) -> None:
@@ -231,10 +231,10 @@ class Generation:
     def image_saved(self, image, filename: str) -> None:
         """on_image_saved: save the mask picture of that image beside it, named after it."""
         index = self._final_images.pop(id(image), None)
-        if index is None or not self.settings.save_mask_picture:
+        if index is None:
             return
         stem, _ = os.path.splitext(filename)
-        self.pictures[index].save(f"{stem}-freefuse-masks.png")
+        self.pictures.pop(index).save(f"{stem}-freefuse-masks.png")
 
     def _add_pictures(self, p, images: torch.Tensor, masks, labels: list[str], first: int) -> None:
         height, width = images.shape[-2:]
@@ -243,7 +243,8 @@ class Generation:
             picture = mask_overlay(
                 masks.masks[i], (height, width), image=image, background=masks.background[i], labels=labels
             )
-            self.pictures[first + i] = picture
+            if self.settings.save_mask_picture:
+                self.pictures[first + i] = picture  # until Forge saves image first + i
             if self.settings.show_masks:
                 p.extra_result_images.append(picture)
 
