@@ -14,7 +14,7 @@ from modules import script_callbacks, scripts
 from freefuse.forge import accordion, live_preview
 from freefuse.forge import session as sessions
 from freefuse.forge.families import family_name
-from freefuse.forge.generation import Generation, tell
+from freefuse.forge.generation import Generation, start, tell
 from freefuse.script_args import FAMILY_LABELS, VALUES_FOR, XYZ_AXES, positional_names, settings_from_args
 from freefuse.settings import INFOTEXT_KEY, FreeFuseSettings
 
@@ -74,6 +74,7 @@ class FreeFuseScript(scripts.Script):
     def process(self, p, *args):
         sessions.close_active("a new generation started")
         self.generation = None
+        start(p)
         family = _model_family(p)
         parsed = settings_from_args(args, family, overrides=getattr(p, "freefuse_xyz", None))
         if parsed.problems:
@@ -101,6 +102,9 @@ class FreeFuseScript(scripts.Script):
             self.generation.final_image(pp.image, pp.index)  # pp.index: the image's index in the job
 
     def postprocess(self, p, processed, *args):
+        if self.generation is not None:
+            self.generation.finish()
+        self.generation = None
         sessions.close_active()
 
 

@@ -4,15 +4,19 @@ The script hands each Forge callback to this object; nothing here raises into Fo
 cause becomes one message (console, the image's Comments, the "FreeFuse notes" infotext entry), and the image
 is still generated.
 
-Forge calls ``process_before_every_sampling`` once per first pass and twice per hires pass (once on the
-first pass's model, once after resetting it); FreeFuse keeps the first pass's masks here, not in a session,
-so any number and order of those calls gives the hires pass the first pass's masks.
+Forge calls ``process_before_every_sampling`` once per first pass and twice per hires pass (once before and once
+after resetting the model from its LoRA-applied copy); FreeFuse keeps the first pass's masks here, not in a
+session, so any number and order of those calls gives the hires pass the first pass's masks. (When the hires pass
+loads other LoRAs or another checkpoint, the first of those calls installs on a model Forge then throws away:
+work done twice, not a wrong result.)
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import weakref
+from dataclasses import dataclass
 
 import torch
 
@@ -30,16 +34,27 @@ NOTES_KEY = "FreeFuse notes"
 NOTES_SEPARATOR = " | "
 
 
+def start(p) -> None:
+    """A new generation (the script's process()): forget what an earlier generation on a copy of this ``p``
+    left in the shared infotext dict (the XYZ grid copies ``p`` per cell, sharing ``extra_generation_params``)."""
+    p.extra_generation_params = {
+        k: v for k, v in p.extra_generation_params.items() if k not in (INFOTEXT_KEY, SUBJECTS_KEY, NOTES_KEY)
+    }
+    p.freefuse_said = []
+
+
 def tell(p, message: str) -> None:
     """The one path of every FreeFuse message, each said once per generation: the console, the image's
     Comments (web UI) and the "FreeFuse notes" infotext entry (the API response's infotexts and the PNG).
     Settings are named by their label in the web UI, by their key for API clients."""
     message = in_user_words(message, api=bool(getattr(p, "is_api", False)))
-    notes = p.extra_generation_params.get(NOTES_KEY)
-    said = notes.split(NOTES_SEPARATOR) if notes else []
+    said = getattr(p, "freefuse_said", None)
+    if said is None:
+        said = p.freefuse_said = []
     if message in said:
         return
-    p.extra_generation_params[NOTES_KEY] = NOTES_SEPARATOR.join([*said, message])
+    said.append(message)
+    p.extra_generation_params[NOTES_KEY] = NOTES_SEPARATOR.join(said)
     print(f"FreeFuse: {message}")
     if hasattr(p, "comment"):
         p.comment(f"FreeFuse: {message}")
@@ -58,6 +73,16 @@ def image_index(p=None, index=0, all_prompts=None, use_main_prompt=False, **_) -
     return getattr(p, "iteration", 0) * p.batch_size + index
 
 
+@dataclass
+class FirstPass:
+    """What a batch's hires pass needs of its first pass: the masks, and the model and subjects they belong to."""
+
+    family: str
+    model: weakref.ref  # the first pass's KModel (weak: a checkpoint switch must be able to free it)
+    subjects: list[SubjectSpec]
+    masks: SubjectMasks | None = None  # set when the first pass's session ends
+
+
 class Generation:
     def __init__(self, settings: FreeFuseSettings, family: str = "flux"):
         self.settings = settings
@@ -65,17 +90,9 @@ class Generation:
         self.session: Session | None = None
         self.summaries: dict[int, str] = {}  # image index in the job -> "harry: harry_potter 41%, ..."
         self.patched_images: set[int] = set()  # images whose sampling FreeFuse patched
-        # this batch: the masks its first pass found (its hires pass reuses them), where, and for whom
-        self.pass_masks: SubjectMasks | None = None
-        self.pass_family: str | None = None
-        self.pass_model = None  # the first pass's diffusion model
-        self.pass_subjects: list[SubjectSpec] = []
-        self.batch_patched = False
+        self.first_pass: FirstPass | None = None  # this batch's first pass, when FreeFuse patched it
         self.pictures: dict[int, object] = {}  # image index in the job -> its mask picture (PIL), to be saved
         self._final_images: dict[int, int] = {}  # id() of each final image Forge will save -> its index
-
-    def say(self, p, message: str) -> None:
-        tell(p, message)
 
     # ------------------------------------------------------------------ Forge callbacks
     def record_settings(self, p) -> None:
@@ -92,58 +109,60 @@ class Generation:
         self._end_session(p)
         sessions.close_active("a new sampling pass started")
         if not hires:
-            self.pass_masks, self.pass_family, self.pass_model, self.pass_subjects = None, None, None, []
-            self.batch_patched = False
+            self.first_pass = None
         elif not self._hires_can_reuse(p, unet):
             return
         try:
             plan = self._plan(p, hires)
         except Exception as err:  # noqa: BLE001 - never break a generation
             log.exception("FreeFuse: planning failed")
-            self.say(p, f"could not prepare ({err}); generated without FreeFuse")
+            tell(p, f"could not prepare ({err}); generated without FreeFuse")
             return
         if plan is None:
             return
-        if hires and [s.filename for s in plan.subjects] != [s.filename for s in self.pass_subjects]:
-            self.say(p, "the hires prompt has other subjects than the first pass; the hires pass ran without FreeFuse")
+        if hires and [s.filename for s in plan.subjects] != [s.filename for s in self.first_pass.subjects]:
+            tell(p, "the hires prompt has other subjects than the first pass; the hires pass ran without FreeFuse")
             return
         session = Session(plan)
         patched = session.install(unet)
         for message in session.messages:
-            self.say(p, message)
+            tell(p, message)
         session.messages.clear()
         if patched is unet:
             return
         self.session = session
-        self.batch_patched = True
         if not hires:
-            self.pass_family, self.pass_model, self.pass_subjects = session.family.name, unet.model, plan.subjects
+            self.first_pass = FirstPass(session.family.name, weakref.ref(unet.model), plan.subjects)
         p.sd_model.forge_objects.unet = patched
 
     def after_batch(self, p, images: torch.Tensor, batch_number: int) -> None:
         """postprocess_batch: remove every hook, record coverage, add mask pictures."""
         try:
             self._end_session(p)
-            if not self.batch_patched:
+            if self.first_pass is None:
                 return
             first = batch_number * p.batch_size
             self.patched_images.update(range(first, first + images.shape[0]))
-            masks = self.pass_masks
+            masks, subjects = self.first_pass.masks, self.first_pass.subjects
             if masks is None:
-                self.say(p, "no masks were found for this batch; the subject LoRAs ran unmasked")
+                tell(p, "no masks were found for this batch; the subject LoRAs ran unmasked")
                 return
             coverage = masks.coverage  # [B, C]
             for i in range(coverage.shape[0]):
-                parts = [
-                    f"{s.lora}: {s.phrase} {100.0 * float(coverage[i, c]):.0f}%"
-                    for c, s in enumerate(self.pass_subjects)
-                ]
+                parts = [f"{s.lora}: {s.phrase} {100.0 * float(coverage[i, c]):.0f}%" for c, s in enumerate(subjects)]
                 self.summaries[first + i] = ", ".join(parts)
             if self.settings.show_masks or self.settings.save_mask_picture:
-                self._add_pictures(p, images, masks, [s.lora for s in self.pass_subjects], first)
+                self._add_pictures(p, images, masks, [s.lora for s in subjects], first)
         finally:
             sessions.close_active()
-            self.batch_patched = False
+            self.first_pass = None  # nothing of this batch's model may outlive it
+
+    def finish(self) -> None:
+        """postprocess: nothing of this generation stays held by the script (models, pictures)."""
+        self._end_session(None)
+        self.first_pass = None
+        self.pictures.clear()
+        self._final_images.clear()
 
     # ------------------------------------------------------------------ helpers
     def _end_session(self, p) -> None:
@@ -151,31 +170,35 @@ class Generation:
         session, self.session = self.session, None
         if session is None:
             return
-        if session.masks is not None:
-            self.pass_masks = session.masks
+        if session.masks is not None and self.first_pass is not None:
+            self.first_pass.masks = session.masks
         session.close()
-        for message in session.messages:
-            self.say(p, message)
+        if p is not None:
+            for message in session.messages:
+                tell(p, message)
         session.messages.clear()
 
     def _hires_can_reuse(self, p, unet) -> bool:
         """Whether the hires pass can run with the first pass's masks; says why not."""
-        if not self.batch_patched:
-            return False  # FreeFuse did not run in the first pass, and said why there
-        if self.pass_masks is None:
-            self.say(p, "no masks from the first pass; the hires pass ran without FreeFuse")
+        first = self.first_pass
+        if first is None:
+            if getattr(p, "firstpass_image", None) is not None:  # Forge's hires button on an existing image
+                tell(p, "hires fix of an existing image has no first pass to take masks from; it ran without FreeFuse")
+            return False  # otherwise FreeFuse did not run in the first pass, and said why there
+        if first.masks is None:
+            tell(p, "no masks from the first pass; the hires pass ran without FreeFuse")
             return False
         model = unet.model
         family = family_name(model.diffusion_model)
-        if family != self.pass_family:
-            self.say(
+        if family != first.family:
+            tell(
                 p,
-                f"the hires checkpoint is {family or 'not supported'}, the first pass was {self.pass_family}; masks do "
+                f"the hires checkpoint is {family or 'not supported'}, the first pass was {first.family}; masks do "
                 "not carry across model families, so the hires pass ran without FreeFuse",
             )
             return False
-        if model is not self.pass_model:
-            self.say(p, "the hires pass runs on another checkpoint; it used the first pass's masks, resized")
+        if model is not first.model():
+            tell(p, "the hires pass runs on another checkpoint; it used the first pass's masks, resized")
         return True
 
     def _settings_infotext(self, **where) -> str | None:
@@ -189,7 +212,7 @@ class Generation:
         unet = sd_model.forge_objects.unet
         family = family_name(unet.model.diffusion_model)
         if family is None:
-            self.say(
+            tell(
                 p,
                 "this checkpoint is neither FLUX.1 nor SDXL-family (SD 1.x/2.x and Chroma are not supported); "
                 "generated without FreeFuse",
@@ -198,19 +221,19 @@ class Generation:
         batch_prompts = getattr(p, "hr_prompts", None) if hires else None
         prompts = list(dict.fromkeys(batch_prompts or p.prompts))
         if len(prompts) != 1:
-            self.say(p, "the images of this batch have different prompts; FreeFuse needs one prompt per batch")
+            tell(p, "the images of this batch have different prompts; FreeFuse needs one prompt per batch")
             return None
         prompt = prompts[0]
         if not hasattr(p.sampler, "get_sigmas"):
-            self.say(p, "this sampler has no sigma schedule; FreeFuse needs a k-diffusion sampler such as Euler")
+            tell(p, "this sampler has no sigma schedule; FreeFuse needs a k-diffusion sampler such as Euler")
             return None
         candidates, notes = forge_subjects.lora_candidates(_tagged_prompt(p, hires) or prompt)
         for note in notes:
-            self.say(p, note)
+            tell(p, note)
         unusable = forge_subjects.without_denoiser_weights(unet, candidates)
         found = forge_subjects.resolve_prompt(self.settings, sd_model, family, prompt, p.steps, candidates, unusable)
         for note in found.messages:
-            self.say(p, note)
+            tell(p, note)
         if not found.active:
             return None
         sigmas = p.sampler.get_sigmas(p, p.steps)
@@ -220,7 +243,7 @@ class Generation:
             background_positions=found.background,
             n_txt_cond=found.tokens.n_txt,
             sigmas=sigmas.detach().float().cpu(),
-            masks=self.pass_masks if hires else None,
+            masks=self.first_pass.masks if hires else None,
         )
 
     def final_image(self, image, index: int) -> None:
@@ -231,7 +254,7 @@ class Generation:
     def image_saved(self, image, filename: str) -> None:
         """on_image_saved: save the mask picture of that image beside it, named after it."""
         index = self._final_images.pop(id(image), None)
-        if index is None:
+        if index is None or index not in self.pictures:
             return
         stem, _ = os.path.splitext(filename)
         self.pictures.pop(index).save(f"{stem}-freefuse-masks.png")
@@ -243,10 +266,16 @@ class Generation:
             picture = mask_overlay(
                 masks.masks[i], (height, width), image=image, background=masks.background[i], labels=labels
             )
-            if self.settings.save_mask_picture:
+            if self.settings.save_mask_picture and _saves_images(p):
                 self.pictures[first + i] = picture  # until Forge saves image first + i
             if self.settings.show_masks:
                 p.extra_result_images.append(picture)
+
+
+def _saves_images(p) -> bool:
+    """Whether Forge will save this generation's images (the API does not by default)."""
+    saves = getattr(p, "save_samples", None)
+    return bool(saves()) if callable(saves) else True
 
 
 def _tagged_prompt(p, hires: bool) -> str | None:

@@ -56,6 +56,8 @@ class Job:
             return p.sd_model.forge_objects.unet
 
         self.harness.sample(unet, before_sampling=first_pass, steps=self.steps, n_txt=N_TXT, seed=21 + n)
+        active = sessions.active()
+        self.first_pass_masks = active.masks if active is not None else None
         if hires_size is not None:
             self._hires(hires_unet or unet, hires_size)
         images = torch.rand(1, 3, 64, 64, generator=torch.Generator().manual_seed(n))
@@ -118,7 +120,7 @@ def test_hires_fix_in_forges_call_order_runs_freefuse_with_the_first_pass_masks(
     job.batch(0, both, hires_size=(96, 128))
     p = job.finish()
     assert not p.comments, p.comments
-    first_pass_masks = job.script.generation.pass_masks
+    first_pass_masks = job.first_pass_masks
     assert first_pass_masks is not None
     sessions_in_hires = {id(s["session"]) for s in job.hires_seen}
     assert len(job.hires_seen) == job.steps and len(sessions_in_hires) == 1 and None not in sessions_in_hires
@@ -269,8 +271,8 @@ def test_the_mask_picture_is_saved_beside_each_saved_image_when_asked(harness, w
     p = job.start(both)
     job.batch(0, both)
     job.batch(1, both)
+    saved = _save_like_forge(webui, job, p, tmp_path)  # the images are saved before postprocess
     job.finish()
-    saved = _save_like_forge(webui, job, p, tmp_path)
     for index, filename in enumerate(saved):
         beside = tmp_path / filename.replace(".png", "-freefuse-masks.png").split("/")[-1]
         assert beside.is_file()
@@ -286,8 +288,8 @@ def test_without_the_option_nothing_is_saved_beside_the_images(harness, webui, m
     job = Job(harness, webui, [ON])
     p = job.start(both)
     job.batch(0, both)
-    job.finish()
     _save_like_forge(webui, job, p, tmp_path)
+    job.finish()
     assert not [f for f in tmp_path.iterdir() if "freefuse" in f.name]
     assert len(p.extra_result_images) == 1  # still shown in the gallery
 
@@ -298,3 +300,43 @@ def _png_bytes(image) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="PNG")
     return buffer.getvalue()
+
+
+# ---------------------------------------------------------------------- what a generation leaves behind
+def test_an_xyz_cell_without_freefuse_carries_no_freefuse_entry_from_the_cell_before(harness, webui, model):
+    """Forge's XYZ grid runs each cell on copy(p): the cells share one extra_generation_params dict."""
+    import copy
+
+    unet, both, loras = model
+    job = Job(harness, webui, [{**ON, "capture_block": 7}], api=True)  # a cell that leaves a note
+    p = job.start(both)
+    job.batch(0, both)
+    job.finish()
+    assert entry(p, "FreeFuse notes") and "FreeFuse" in p.extra_generation_params
+    off_cell = copy.copy(p)
+    job.script.process(off_cell, {"enabled": False})
+    for key in ("FreeFuse", "FreeFuse subjects", "FreeFuse notes"):
+        assert key not in off_cell.extra_generation_params, key
+    assert "FreeFuse notes" in p.extra_generation_params  # the earlier cell keeps its own
+
+
+def test_a_message_is_said_once_even_when_it_holds_the_notes_separator(webui):
+    from freefuse.forge.generation import start, tell
+
+    p = Processing(PROMPT, None)
+    start(p)
+    for _ in range(2):
+        tell(p, "phrase 'a | b' is not in the prompt")
+    tell(p, "another")
+    assert p.extra_generation_params["FreeFuse notes"] == "phrase 'a | b' is not in the prompt | another"
+    assert len(p.comments) == 2
+
+
+def test_nothing_of_a_batchs_model_outlives_it(harness, webui, model):
+    unet, both, loras = model
+    job = Job(harness, webui, [ON])
+    job.start(both)
+    job.batch(0, both)
+    assert job.script.generation.first_pass is None  # postprocess_batch let go of the first pass's model
+    job.finish()
+    assert job.script.generation is None
