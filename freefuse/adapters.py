@@ -239,6 +239,18 @@ class MaskedDelta:
             out[..., start:stop] += d
         return out
 
+    def check_fits(self, out_features: int, in_features: int) -> None:
+        """Raise ValueError unless this delta runs on the layer's input (one token, on the delta's own device and
+        dtype, with per-token weights) and writes the layer's output width."""
+        if self.out_features != out_features:
+            raise ValueError(f"its factors write {self.out_features} outputs, the layer has {out_features}")
+        x = torch.zeros(1, 1, in_features, device=self.device, dtype=self.dtype)
+        out = torch.zeros(1, 1, out_features, device=self.device, dtype=self.dtype)
+        try:
+            self.add_to(out, x, torch.ones(1, 1, max(self._n_owners, 1), device=self.device, dtype=self.dtype))
+        except RuntimeError as err:
+            raise ValueError(f"its factors do not run on the layer's input ({err})") from None
+
     # ---------------------------------------------------------------- reference
 
     def reference(self, x: Tensor, token_weights: Tensor | None = None) -> Tensor:

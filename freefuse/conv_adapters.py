@@ -21,6 +21,22 @@ import torch.nn.functional as F
 from torch import Tensor
 
 
+def conv_output_hw(in_hw: tuple[int, int], kernel_size, stride=1, padding=0, dilation=1) -> tuple[int, int]:
+    """A Conv2d's output size for an ``in_hw`` input (PyTorch's formula; ``padding`` may be "same"/"valid")."""
+
+    def pair(v):
+        return tuple(int(x) for x in v) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+    if padding == "same":
+        return tuple(in_hw)
+    pads = (0, 0) if padding == "valid" else pair(padding)
+    kernels, strides, dilations = pair(kernel_size), pair(stride), pair(dilation)
+    return tuple(
+        (n + 2 * p - d * (k - 1) - 1) // s + 1
+        for n, k, s, p, d in zip(in_hw, kernels, strides, pads, dilations, strict=True)
+    )
+
+
 @dataclass(frozen=True)
 class ConvLowRankFactor:
     down: Tensor  # [r, in, kh, kw]
@@ -88,6 +104,22 @@ class MaskedConvDelta:
 
     def add_to(self, out: Tensor, x: Tensor, weights: Tensor | None = None) -> Tensor:
         return out.add_(self(x, weights))
+
+    def check_fits(self, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation) -> None:
+        """Raise ValueError unless this delta runs on the conv layer's input (on its own device and dtype, with
+        per-pixel weights) and gives the layer's output shape."""
+        x = torch.zeros(1, in_channels, 8, 8, device=self.down.device, dtype=self.down.dtype)  # [B, C_in, h, w]
+        try:
+            y = self(x)  # [B, C_out, h', w']
+            self(x, torch.ones(1, self.n_owners, *y.shape[-2:], device=y.device, dtype=y.dtype))
+        except RuntimeError as err:
+            raise ValueError(f"its LoCon factors do not run on the layer's input ({err})") from None
+        expected = conv_output_hw((8, 8), kernel_size, stride, padding, dilation)
+        if y.shape[1] != out_channels or tuple(y.shape[-2:]) != expected:
+            raise ValueError(
+                f"its LoCon factors give {y.shape[1]} channels of {tuple(y.shape[-2:])} pixels, the layer "
+                f"{out_channels} of {expected}"
+            )
 
     def reference(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
         """One down/up pair per LoRA, for tests."""

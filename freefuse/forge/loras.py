@@ -187,11 +187,9 @@ def build_runtime_loras(
 
 
 def _layer_delta(target, layout: str, terms: list) -> MaskedDelta | MaskedConvDelta:
-    """The fused runtime delta of one layer from its low-rank factors and dense deltas."""
+    """The fused runtime delta of one layer from its low-rank factors and dense deltas (ValueError if they
+    cannot be fused, e.g. subject LoCon factors with different kernels)."""
     if layout == "conv":
-        kernels = {tuple(t.down.shape[1:]) for t in terms}
-        if len(kernels) > 1:
-            raise ValueError(f"its subject LoCon factors have different kernels {sorted(kernels)}")
         return MaskedConvDelta(terms, stride=target.stride, padding=target.padding, dilation=target.dilation)
     factors = [t for t in terms if not isinstance(t, DenseDelta)]
     dense = [t for t in terms if isinstance(t, DenseDelta)]
@@ -199,37 +197,15 @@ def _layer_delta(target, layout: str, terms: list) -> MaskedDelta | MaskedConvDe
 
 
 def _try_layer(delta, target, layout: str) -> None:
-    """Run the delta once on a zero input of the layer's logical width; raises when it cannot run there."""
+    """Check the delta on the layer's logical shape once, at install; ValueError when it cannot run there."""
     with torch.no_grad():
         if layout == "conv":
-            x = torch.zeros(1, int(target.in_channels), 8, 8)  # [B, C_in, h, w]
-            y = delta(x)  # [B, C_out, h', w']
-            delta(x, torch.ones(1, delta.n_owners, *y.shape[-2:]))  # per-pixel weights as sampling gives them
-            expected = _conv_output_hw(target, 8)
-            if y.shape[1] != int(target.out_channels) or tuple(y.shape[-2:]) != expected:
-                raise ValueError(
-                    f"its LoCon factors give {y.shape[1]} channels of {tuple(y.shape[-2:])} pixels, the layer "
-                    f"{int(target.out_channels)} of {expected}"
-                )
-            return
-        out_features, in_features = _weight_shape(target)
-        weights = torch.ones(1, 1, max(delta.n_owners, 1))
-        delta.add_to(torch.zeros(1, 1, out_features), torch.zeros(1, 1, in_features), weights)
-
-
-def _conv_output_hw(conv, size: int) -> tuple[int, int]:
-    """The layer's own output size for a size x size input (its kernel, stride, padding, dilation)."""
-
-    def pair(v):
-        return tuple(v) if isinstance(v, (tuple, list)) else (v, v)
-
-    if conv.padding == "same":
-        return size, size
-    padding = (0, 0) if conv.padding == "valid" else pair(conv.padding)
-    kernel, stride, dilation = pair(conv.kernel_size), pair(conv.stride), pair(conv.dilation)
-    return tuple(
-        (size + 2 * p - d * (k - 1) - 1) // s + 1 for k, s, p, d in zip(kernel, stride, padding, dilation, strict=True)
-    )
+            delta.check_fits(
+                int(target.in_channels), int(target.out_channels), target.kernel_size, target.stride,
+                target.padding, target.dilation,
+            )  # fmt: skip
+        else:
+            delta.check_fits(*_weight_shape(target))
 
 
 def resolve_module(root, module_path: str):

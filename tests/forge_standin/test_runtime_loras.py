@@ -84,7 +84,7 @@ def test_subject_locon_factors_with_different_kernels_leave_that_conv_merged_and
         ("b" + KEPT_SUFFIX, 1.0, 1.0, False): {"diffusion_model.conv.weight": [b1]},
     }
     (reason,) = runtime.left_merged
-    assert reason.startswith("conv (") and "different kernels" in reason
+    assert reason.startswith("conv (") and "must share in-channels and kernel size" in reason
 
 
 def test_a_conv_factor_that_would_change_the_output_size_stays_merged():
@@ -107,3 +107,15 @@ def test_a_factor_that_does_not_fit_the_layers_outputs_stays_merged_with_the_rea
     )
     assert runtime.layers == [] and keep
     assert runtime.left_merged[0].startswith("plain (") and "has 9 output rows" in runtime.left_merged[0]
+
+
+def test_the_install_check_runs_on_the_deltas_own_device():
+    """Forge moves patch tensors to the GPU in place (and may leave them there): the check must not assume the
+    CPU. Meta tensors stand in for another device here."""
+    model = _model(plain=torch.nn.Linear(4, 6), conv=torch.nn.Conv2d(4, 6, 3, padding=1))
+    linear = _lora_entry(torch.randn(6, 2, device="meta"), torch.randn(2, 4, device="meta"))
+    locon = _lora_entry(torch.randn(6, 2, 1, 1, device="meta"), torch.randn(2, 4, 3, 3, device="meta"))
+    patches = {"diffusion_model.plain.weight": [linear], "diffusion_model.conv.weight": [locon]}
+    runtime, keep = build_runtime_loras(model, _taken("a", patches), {"a": 0}, _layouts)
+    assert runtime.left_merged == [] and keep == {}
+    assert {layer.module_path for layer in runtime.layers} == {"diffusion_model.plain", "diffusion_model.conv"}
