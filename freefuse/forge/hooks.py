@@ -67,14 +67,25 @@ def step_input_modifier(session):
     return modifier
 
 
-def main_eval_start(session):
-    """Pre-CFG function: marks the generation's own evaluation; the restart schedule's phase 1 runs there."""
+def main_eval_mark(session):
+    """First pre-CFG function: marks the generation's own evaluation of the step (its x is still the one the
+    conditioning modifiers saw; later pre-CFG functions, ControlNet inpaint's say, may replace x)."""
 
     def pre_cfg(model, cond, uncond, x, timestep, model_options):
         if session.live():
             session.in_main_eval = x is session.step_input
-            if session.in_main_eval and not session.phase1_done:
-                session.run_phase1(model, cond, x, timestep, model_options)
+        return model, cond, uncond, x, timestep, model_options
+
+    return pre_cfg
+
+
+def phase1_runner(session):
+    """Last pre-CFG function: the restart schedule's phase 1, in the generation's own evaluation only, on the x
+    every other pre-CFG function has prepared."""
+
+    def pre_cfg(model, cond, uncond, x, timestep, model_options):
+        if session.live() and session.in_main_eval and not session.phase1_done:
+            session.run_phase1(model, cond, x, timestep, model_options)
         return model, cond, uncond, x, timestep, model_options
 
     return pre_cfg

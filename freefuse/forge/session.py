@@ -266,7 +266,11 @@ class Session:
             hooks.step_input_modifier(self),
             *options.get("conditioning_modifiers", []),
         ]
-        clone.add_sampler_pre_cfg_function(hooks.main_eval_start(self))
+        options["sampler_pre_cfg_function"] = [
+            hooks.main_eval_mark(self),
+            *options.get("sampler_pre_cfg_function", []),
+        ]
+        clone.add_sampler_pre_cfg_function(hooks.phase1_runner(self))
         clone.set_model_sampler_post_cfg_function(hooks.main_eval_end(self))
 
     # ------------------------------------------------------------------ per call

@@ -168,3 +168,20 @@ def test_masks_come_only_from_the_generations_own_evaluation_never_from_a_refere
     assert len(plain) == len(with_reference) == 1
     torch.testing.assert_close(with_reference[0], plain[0], rtol=0, atol=0)
     assert runner.session.masks is not None
+
+
+@pytest.mark.parametrize("schedule", ["restart", "continue"])
+def test_a_pre_cfg_function_that_replaces_x_before_freefuses_does_not_hide_the_main_evaluation(flux, schedule):
+    """ControlNet's inpaint preprocessor (a pre-CFG function of a script that runs before FreeFuse) returns a new
+    x every step: the step is still the generation's own, so masks are still found."""
+    harness, unet, loras = flux
+    both = harness.add_loras(unet, [(loras["A"], 1.0), (loras["B"], 1.0)])
+    earlier = both.clone()
+
+    def replaces_x(model, cond, uncond, x, timestep, model_options):
+        return model, cond, uncond, x * 1.0, timestep, model_options  # a new tensor, same values
+
+    earlier.add_sampler_pre_cfg_function(replaces_x)
+    runner = Runner(harness, _settings(schedule=schedule, capture_step=1), [loras["A"], loras["B"]])
+    runner.sample(earlier, seed=8, steps=3)
+    assert runner.session.masks is not None and not runner.session.messages
