@@ -86,7 +86,7 @@ class Sampled:
 
     def first_step(self, i: int):
         if i == 0:
-            self.memory.__enter__()
+            self.memory.__enter__()  # synchronizes on CUDA, so the clock starts with an idle GPU
             self.start = time.perf_counter()
 
 
@@ -119,6 +119,8 @@ def run(harness, unet, loras, family: str, spec: dict, variant: str, steps: int,
             before_sampling=install if schedule else None,
             on_step=sampled.first_step,
         )
+        if device == "cuda":
+            torch.cuda.synchronize()  # the clock stops when the GPU is done, not when the queue is
         sampled.seconds = time.perf_counter() - sampled.start
         sampled.memory.__exit__(None, None, None)
     finally:

@@ -17,11 +17,12 @@ import logging
 import torch
 
 from freefuse import call_weights as cw
-from freefuse.attention import attention_bias_channels, attention_bias_dense, padded_head_dim
+from freefuse.attention import attention_bias_channels, attention_bias_dense, channel_extras
 from freefuse.bias import BiasFactors, call_bias_factors
 
 log = logging.getLogger("freefuse")
 DEFAULT_FORMS = {"joint": "channels", "cross": "dense"}
+OUT_OF_MEMORY = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
 
 
 class SessionBias:
@@ -39,22 +40,32 @@ class SessionBias:
         return family.bias_grid(session, **where)
 
     def attend(self, layout: str, grid: tuple[int, int], q: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Attention of q ``[B, H, L_q, D]`` over k, v ``[B, H, L_k, D]`` with the current call's bias."""
-        factors = self._factors(layout, grid, q.device)
+        """Attention of q ``[B, H, L_q, D]`` over k, v ``[B, H, L_k, D]`` with the current call's bias. What the
+        form needs (extra channels, or the dense bias in q's dtype) is built once per call shape."""
+        where = (layout, self._shape(grid), q.device, q.dtype)
         if (self.form or DEFAULT_FORMS[layout]) == "channels":
+            extras = self.session.cached(
+                ("channel extras", *where, q.shape[-1]),
+                lambda: channel_extras(self._factors(layout, grid, q.device), q.shape[-1], q.dtype, q.device),
+            )
             try:
-                out = attention_bias_channels(q, k, v, factors)
-                self._say_once(
-                    f"attention bias as {factors.rank} extra channels "
-                    f"(head dim {q.shape[-1]} -> {padded_head_dim(q.shape[-1], factors.rank)})"
-                )
-                return out
+                out = attention_bias_channels(q, k, v, extras)
+            except OUT_OF_MEMORY:
+                raise  # the dense form needs more memory, not less
             except RuntimeError as err:
                 self.form = "dense"
                 self.session.messages.append(
                     f"the attention bias ran as a dense mask (the attention call refused extra channels: {err})"
                 )
-        dense = self.session.cached((layout, "dense bias", self._shape(grid), q.device), factors.dense)
+            else:
+                if not self._said:
+                    self._said = True
+                    log.info("FreeFuse: attention bias as extra channels (head dim %d -> %d)", q.shape[-1],
+                             q.shape[-1] + extras.query.shape[-1])  # fmt: skip
+                return out
+        dense = self.session.cached(
+            ("dense bias", *where), lambda: self._factors(layout, grid, q.device).dense().to(q.dtype)
+        )
         return attention_bias_dense(q, k, v, dense)
 
     def _factors(self, layout: str, grid: tuple[int, int], device) -> BiasFactors:
@@ -80,8 +91,3 @@ class SessionBias:
 
     def _shape(self, grid):
         return self.session.call.shape, tuple(grid)
-
-    def _say_once(self, what: str) -> None:
-        if not self._said:
-            self._said = True
-            log.info("FreeFuse: %s", what)

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from freefuse.attention import attention_bias_channels, attention_bias_dense, padded_head_dim
+from freefuse.attention import attention_bias_dense, channel_extras, padded_head_dim
+from freefuse.attention import attention_bias_channels as _channels
 from freefuse.bias import BiasFactors, call_bias_factors
 
 # two subjects on a 3x4 image grid, a 7-token prompt: A owns text 1-2, B text 4
@@ -16,6 +17,10 @@ MASKS = torch.tensor(
 )  # [B=2, C=2, N=12]
 POSITIONS = [[1, 2], [4]]
 N_TXT, N_IMG = 7, 12
+
+
+def attention_bias_channels(q, k, v, factors, scale=None):
+    return _channels(q, k, v, channel_extras(factors, q.shape[-1], q.dtype, q.device, scale))
 
 
 def _call(layout, cond_or_uncond, **flags):
