@@ -33,6 +33,30 @@ class Layout:
     masks: Tensor  # [C, H, W] float32 in {0, 1}
     drawn: list[bool]  # per subject: the drawing covers it (an empty mask means "automatic")
     problems: list[str] = field(default_factory=list)
+    use: str = "masks"  # "masks": the drawn subjects' masks are exactly the drawing; "hint": it steers the split
+    strength: float = 1.0  # for a hint: 0 ignores it, 1 is the drawing itself
+
+    @property
+    def exact(self) -> bool:
+        """The drawing is used as masks (a hint at full strength is the drawing itself)."""
+        return self.use == "masks" or self.strength >= 1.0
+
+    @property
+    def complete(self) -> bool:
+        """Every subject's mask is given: no automatic masks are needed, so nothing is captured."""
+        return self.exact and all(self.drawn)
+
+    def apply(self, maps: Tensor, grid_hw: tuple[int, int], partition) -> SubjectMasks:
+        """The split of subject maps ``[B, C, N]`` on ``grid_hw`` with this layout: ``partition(maps)`` gives the
+        automatic masks, steered by a hint first, or overruled by the drawn masks after."""
+        grid = on_grid(self.masks, grid_hw)
+        if not self.exact:
+            return partition(hinted_maps(maps, grid, self.drawn, self.strength))
+        return combine(grid, self.drawn, partition(maps), maps.shape[0])
+
+    def given(self, grid_hw: tuple[int, int], batch: int) -> SubjectMasks:
+        """Every subject's masks as drawn (``complete`` layouts), on ``grid_hw``, for ``batch`` images."""
+        return combine(on_grid(self.masks, grid_hw), self.drawn, None, batch)
 
 
 def layout_from_drawing(image: np.ndarray, n_subjects: int) -> Layout:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
+from freefuse.layouts import Layout
 from freefuse.maps import SimilarityMaps, official_similarity_maps, paper_similarity_maps
 from freefuse.partition import BalanceParams, SubjectMasks, partition_balanced, partition_superpixels
 from freefuse.settings import FreeFuseSettings
@@ -111,9 +112,19 @@ def partition_maps(
     traits: FamilyTraits,
     image: torch.Tensor | None = None,
     n_segments: int | None = None,
+    layout: Layout | None = None,
 ) -> SubjectMasks:
     """Similarity maps -> masks: superpixel voting for the paper method when a picture is given
-    (``image`` [B, 3, H, W] in [0, 1]; ``n_segments`` default for it), else the balanced argmax."""
+    (``image`` [B, 3, H, W] in [0, 1]; ``n_segments`` default for it), else the balanced argmax. A ``layout``
+    the user drew steers the split (a hint) or overrules it for the subjects it covers (given masks)."""
+    if layout is not None:
+        return layout.apply(
+            maps.subjects,
+            grid_hw,
+            lambda subjects: partition_maps(
+                SimilarityMaps(subjects, maps.background), grid_hw, settings, traits, image, n_segments
+            ),
+        )
     if settings.mask_method == "paper" and image is not None:
         return partition_superpixels(
             maps.subjects,
@@ -149,11 +160,12 @@ def compute_masks(
     settings: FreeFuseSettings,
     traits: FamilyTraits,
     image: torch.Tensor | None = None,
+    layout: Layout | None = None,
 ) -> SubjectMasks:
     """Masks for every image of the capture.
 
     ``image`` ([B, 3, H, W] in [0, 1], the predicted x0) is needed by the paper method's superpixel voting;
-    without it the paper maps are partitioned by the balanced argmax instead.
+    without it the paper maps are partitioned by the balanced argmax instead. ``layout``: see partition_maps.
     """
     maps = similarity_maps(capture, subject_positions, background_positions, settings, traits)
-    return partition_maps(maps, capture.grid_hw, settings, traits, image)
+    return partition_maps(maps, capture.grid_hw, settings, traits, image, layout=layout)

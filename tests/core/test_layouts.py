@@ -155,3 +155,23 @@ def test_a_damaged_mask_text_is_a_clear_error(text, reason):
 def test_a_mask_text_with_more_subjects_than_the_prompt_is_refused():
     with pytest.raises(ValueError, match="3 subjects, this prompt 2"):
         decode_masks(encode_masks(torch.eye(3)[:, :, None].repeat(1, 1, 2)), 2)
+
+
+def test_partition_with_a_layout_uses_drawn_masks_exactly_and_hints_as_a_prior():
+    from freefuse.layouts import Layout
+    from freefuse.maps import SimilarityMaps
+    from freefuse.masks import FLUX, partition_maps
+    from freefuse.settings import FreeFuseSettings
+
+    settings = FreeFuseSettings.defaults("flux").replace(morphology=False)
+    maps = SimilarityMaps(_ambiguous_maps(), None)
+    drawn = torch.zeros(2, 16, 16)
+    drawn[1, :, :6] = 1  # "subject 1 on the left", drawn on a 16 x 16 picture of the image
+    given = partition_maps(maps, (8, 8), settings, FLUX, layout=Layout(drawn, [False, True], use="masks"))
+    assert torch.equal(given.masks[0, 1], on_grid(drawn, (8, 8))[1])  # exactly the drawing
+    assert not (given.masks[0, 0] * given.masks[0, 1]).any()  # the automatic subject keeps the rest only
+    hint = Layout(drawn, [False, True], use="hint", strength=0.5)
+    hinted = partition_maps(maps, (8, 8), settings, FLUX, layout=hint)
+    assert hinted.masks[0, 1, :, 0].all()  # the hint moved the split
+    assert Layout(drawn, [True, True], use="hint", strength=1.0).complete  # full strength: the drawing itself
+    assert not hint.complete and not Layout(drawn, [False, True]).complete
