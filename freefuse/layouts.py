@@ -54,6 +54,17 @@ class Layout:
             return partition(hinted_maps(maps, grid, self.drawn, self.strength))
         return combine(grid, self.drawn, partition(maps), maps.shape[0])
 
+    def cropped(self, box: tuple[float, float, float, float]) -> Layout:
+        """The layout of a part of the image: ``box`` = (left, top, right, bottom) as fractions of its width
+        and height (an inpaint "only masked" region, which Forge then stretches to the image size)."""
+        height, width = self.masks.shape[-2:]
+        left, top, right, bottom = box
+        x0, x1 = int(round(left * width)), max(int(round(left * width)) + 1, int(round(right * width)))
+        y0, y1 = int(round(top * height)), max(int(round(top * height)) + 1, int(round(bottom * height)))
+        masks = self.masks[:, y0:y1, x0:x1].clone()  # [C, h', w']
+        return Layout(masks, [d and bool(m.any()) for d, m in zip(self.drawn, masks, strict=True)], list(self.problems),
+                      self.use, self.strength)  # fmt: skip
+
     def given(self, grid_hw: tuple[int, int], batch: int) -> SubjectMasks:
         """Every subject's masks as drawn (``complete`` layouts), on ``grid_hw``, for ``batch`` images."""
         return combine(on_grid(self.masks, grid_hw), self.drawn, None, batch)

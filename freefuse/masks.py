@@ -27,13 +27,19 @@ class FamilyTraits:
     paper_direction: str  # paper method: "text_to_image" (text queries exist) or "image_to_text"
     balance_init: str  # balanced argmax: normalise `running` over "subjects" (FLUX) or "tokens" (SDXL)
     fixed_logit_scale: float | None  # FLUX: 1/1000; None means 1/sqrt(head dim)
+    patch: int  # latent pixels per token side at the finest level: FLUX packs 2x2, the UNet's first level 1
+
+    def token_grid(self, height: int, width: int) -> tuple[int, int]:
+        """The finest token grid of an image ``height`` x ``width`` pixels (latent = pixels / 8, padded up)."""
+        latent_h, latent_w = -(-height // 8), -(-width // 8)
+        return -(-latent_h // self.patch), -(-latent_w // self.patch)
 
     def logit_scale(self, head_dim: int) -> float:
         return self.fixed_logit_scale if self.fixed_logit_scale is not None else 1.0 / math.sqrt(head_dim)
 
 
-FLUX = FamilyTraits("flux", "image", "text_to_image", "subjects", 1.0 / 1000.0)
-SDXL = FamilyTraits("sdxl", "text", "image_to_text", "tokens", None)
+FLUX = FamilyTraits("flux", "image", "text_to_image", "subjects", 1.0 / 1000.0, patch=2)
+SDXL = FamilyTraits("sdxl", "text", "image_to_text", "tokens", None, patch=1)
 TRAITS = {"flux": FLUX, "sdxl": SDXL}
 
 

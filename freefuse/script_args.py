@@ -49,27 +49,34 @@ XYZ_AXES: tuple[tuple[str, str, type, list[str] | None], ...] = tuple(
 
 @dataclass
 class ParsedArgs:
-    """Validated settings (None when a value is unusable), one sentence per problem, and notes to show."""
+    """Validated settings (None when a value is unusable), one sentence per problem, notes to show, and the
+    inputs that are no settings (``INPUTS``: a layout drawing, masks from an image; None when not given)."""
 
     settings: FreeFuseSettings | None
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    inputs: dict[str, Any] = field(default_factory=dict)
 
 
 VALUES_FOR = "values_for"
-_VALUES_FOR_AFTER = "token_exclusion"  # the last setting of version 0.1: "Values for" came next
+INPUTS = ("layout", "layout_masks", "locked_masks")  # positional values that are no settings: a drawing, mask
+# images (one per subject), the masks of a pasted image
+_LAST_OF_01 = "token_exclusion"  # the last setting of version 0.1
+_AFTER_01 = ("values_for", "save_mask_picture", "layout_use", "hint_strength", "masks_from", "export_masks", *INPUTS)
 
 
 def positional_names() -> list[str]:
-    """The names of the positional arguments in order: the settings, with "values_for" after token_exclusion."""
+    """The names of the positional arguments in order: 0.1's settings, then what came after, in the order it
+    came (settings added later still go at the end)."""
     names = setting_names()
-    cut = names.index(_VALUES_FOR_AFTER) + 1
-    return [*names[:cut], VALUES_FOR, *names[cut:]]
+    first = names[: names.index(_LAST_OF_01) + 1]
+    return [*first, *_AFTER_01, *(n for n in names if n not in first and n not in _AFTER_01)]
 
 
-def positional_args(settings: FreeFuseSettings, values_for: str) -> list[Any]:
-    """``settings`` as the positional list the accordion sends (and an API client may send)."""
-    values = {**settings.to_dict(), VALUES_FOR: values_for}
+def positional_args(settings: FreeFuseSettings, values_for: str, **inputs: Any) -> list[Any]:
+    """``settings`` (and ``inputs``: a layout drawing, locked masks) as the positional list the accordion sends
+    and an API client may send."""
+    values = {**settings.to_dict(), VALUES_FOR: values_for, **{name: inputs.get(name) for name in INPUTS}}
     return [values[name] for name in positional_names()]
 
 
@@ -83,6 +90,7 @@ def settings_from_args(
     notes: list[str] = []
     if args and isinstance(args[0], dict):
         data = dict(args[0])
+        inputs = {name: data.pop(name, None) for name in INPUTS}
     else:
         names = positional_names()
         if len(args) > len(names):
@@ -91,6 +99,7 @@ def settings_from_args(
                 [f"got {len(args)} positional arguments; FreeFuse takes at most {len(names)} ({', '.join(names)})"],
             )
         data = dict(zip(names, args, strict=False))
+        inputs = {name: data.pop(name, None) for name in INPUTS}
         written_for = data.pop(VALUES_FOR, "flux")
         if written_for not in FAMILIES:
             if _is_on(data, overrides):
@@ -105,7 +114,7 @@ def settings_from_args(
     if not _is_on(data, None):
         return ParsedArgs(FreeFuseSettings.defaults(family))
     try:
-        return ParsedArgs(FreeFuseSettings.from_dict(data, family), notes=notes)
+        return ParsedArgs(FreeFuseSettings.from_dict(data, family), notes=notes, inputs=inputs)
     except SettingsError as err:
         return ParsedArgs(None, err.problems)
 
@@ -146,5 +155,6 @@ def _adopted_note(adopted: list[tuple[str, Any, Any]], written_for: str, family:
     article = "an" if model[0] in "AEFHILMNORSX" else "a"
     return (
         f"the values are set for {theirs} but this is {article} {model} model: {what}; to choose them yourself, "
-        f"set 'Values for' to {model} (API: send \"{family}\" as the last positional argument, or named settings)"
+        f"set 'Values for' to {model} (API: send \"{family}\" as values_for, the positional argument after "
+        "token_exclusion, or named settings)"
     )

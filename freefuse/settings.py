@@ -47,7 +47,10 @@ GROUPS: tuple[tuple[str, str], ...] = (  # (key, heading) in the order the accor
     ("background", "Background"),
     ("bias", "Attention bias"),
     ("tokens", "Token exclusion"),
+    ("layout", "Layout"),
 )
+LAYOUT_USES: tuple[str, ...] = ("masks", "hint")
+MASK_SOURCES: tuple[str, ...] = ("automatic", "image", "last")
 
 
 def _knob(
@@ -228,6 +231,22 @@ class FreeFuseSettings:
     save_mask_picture: bool = _knob(
         False, "Save the mask picture", "Save it next to each saved image, as <image name>-freefuse-masks.png.",
         group="main",
+    )  # fmt: skip
+    layout_use: str = _knob(
+        "masks", "Use the drawing as", "masks: a drawn subject's mask is the drawing; hint: it steers the masks.",
+        group="layout", choices=LAYOUT_USES,
+    )  # fmt: skip
+    hint_strength: float = _knob(
+        0.5, "Hint strength", "0 ignores the drawing, 1 uses it as the masks.", group="layout",
+        bounds=(0.0, 1.0), step=0.05, slider=True,
+    )  # fmt: skip
+    masks_from: str = _knob(
+        "automatic", "Masks from", "automatic; image: the pasted image's masks; last: the last generation's.",
+        group="layout", choices=MASK_SOURCES,
+    )  # fmt: skip
+    export_masks: bool = _knob(
+        False, "Save one mask per subject", "Black/white, beside each saved image and in the API response.",
+        group="layout",
     )  # fmt: skip
 
     # ------------------------------------------------------------------ construction

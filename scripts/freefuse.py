@@ -1,4 +1,4 @@
-"""FreeFuse for Forge: the txt2img accordion, its arguments, infotext paste-back and XYZ axes.
+"""FreeFuse for Forge: the txt2img and img2img accordion, its arguments, infotext paste-back and XYZ axes.
 
 Thin glue: arguments become a validated ``FreeFuseSettings`` and each Forge callback is handed to
 ``freefuse.forge.generation.Generation``. No maths here.
@@ -14,8 +14,15 @@ from modules import script_callbacks, scripts
 from freefuse.forge import accordion, live_preview
 from freefuse.forge import session as sessions
 from freefuse.forge.families import family_name
-from freefuse.forge.generation import Generation, start, tell
-from freefuse.script_args import FAMILY_LABELS, VALUES_FOR, XYZ_AXES, positional_names, settings_from_args
+from freefuse.forge.generation import MASKS_KEY, Generation, start, tell
+from freefuse.script_args import (
+    FAMILY_LABELS,
+    INPUTS,
+    VALUES_FOR,
+    XYZ_AXES,
+    positional_names,
+    settings_from_args,
+)
 from freefuse.settings import INFOTEXT_KEY, FreeFuseSettings
 
 TITLE = "FreeFuse"
@@ -40,11 +47,10 @@ class FreeFuseScript(scripts.Script):
         return TITLE
 
     def show(self, is_img2img):
-        if is_img2img:
-            return False
         if not self._watching_prompt:  # show() is called again and again (Script.elem_id calls it)
             self._watching_prompt = True
-            self.on_after_component(self._remember_prompt, elem_id="txt2img_prompt")
+            tab = "img2img" if is_img2img else "txt2img"
+            self.on_after_component(self._remember_prompt, elem_id=f"{tab}_prompt")
         return scripts.AlwaysVisible
 
     def _remember_prompt(self, created):
@@ -63,8 +69,9 @@ class FreeFuseScript(scripts.Script):
                     show_progress=False,
                     trigger_mode="always_last",
                 )
-        readers = {name: _from_infotext(name) for name in c if name != "enabled"}
-        readers.update(enabled=lambda d: INFOTEXT_KEY in d)
+        readers = {name: _from_infotext(name) for name in c if name not in ("enabled", *INPUTS)}
+        readers.update(enabled=lambda d: INFOTEXT_KEY in d, locked_masks=_locked_masks, masks_from=_masks_from)
+        readers.update(layout=lambda d: gr.update(), layout_masks=lambda d: gr.update())
         order = positional_names()  # the positional API's order: a contract
         self.infotext_fields = [(c[name], readers[name]) for name in order]
         self.paste_field_names = []
@@ -85,7 +92,7 @@ class FreeFuseScript(scripts.Script):
             return
         for note in parsed.notes:
             tell(p, note)
-        self.generation = Generation(settings, family)
+        self.generation = Generation(settings, family, parsed.inputs)
         self.generation.record_settings(p)
         p.freefuse = self.generation  # the image_saved callback finds the generation through its p
 
@@ -103,7 +110,7 @@ class FreeFuseScript(scripts.Script):
 
     def postprocess(self, p, processed, *args):
         if self.generation is not None:
-            self.generation.finish()
+            self.generation.finish(p, processed)
         self.generation = None
         sessions.close_active()
 
@@ -142,6 +149,19 @@ def _save_mask_picture(params) -> None:
     generation = getattr(params.p, "freefuse", None)
     if generation is not None:
         generation.image_saved(params.image, params.filename)
+
+
+def _locked_masks(params: dict):
+    """A pasted image's masks (its "FreeFuse masks" entry) go to the locked-masks box; nothing pasted: cleared,
+    so the masks of an earlier paste never stay behind."""
+    return params.get(MASKS_KEY, "")
+
+
+def _masks_from(params: dict):
+    """Pasting an image that carries masks locks them ("Masks from: image"): its layout comes back exactly."""
+    if params.get(MASKS_KEY):
+        return "image"
+    return _from_infotext("masks_from")(params)
 
 
 def _from_infotext(name: str):

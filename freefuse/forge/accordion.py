@@ -10,6 +10,7 @@ from dataclasses import dataclass, field, fields
 
 import gradio as gr
 
+from freefuse.preview import PALETTE
 from freefuse.script_args import FAMILY_LABELS, VALUES_FOR
 from freefuse.settings import GROUPS, FreeFuseSettings, family_knobs, setting_meta
 
@@ -18,6 +19,11 @@ INTRO = (
     "in the prompt, e.g. `<lora:harry:1> <lora:daiyu:1> harry_potter and daiyu_lin hugging`."
 )
 VALUES_FOR_HELP = "The model family these values are for; switching fills in its defaults."
+LAYOUT_HELP = (
+    "Draw each subject where it belongs, in its colour (Subjects order: red, green, blue, yellow, ...), or upload "
+    "a colour-coded image. An undrawn subject keeps its automatic mask. **Masks from: image** reuses the masks of "
+    "a pasted image (PNG Info or the paste button fill it in); **last** those of the last generation."
+)
 SUBJECTS_PLACEHOLDER = "harry: harry_potter\ndaiyu: daiyu_lin"
 METHOD_GROUPS = {"official": "official", "paper": "paper"}  # group shown only for that mask method
 PER_ROW = 3
@@ -50,6 +56,9 @@ def build(elem_id, family: str) -> Accordion:
             for name in ("show_masks", "save_mask_picture"):
                 c[name] = component(name, defaults, elem_id)
         ui.preview = gr.Markdown("", elem_id=elem_id("preview"))
+        with gr.Accordion("Layout", open=False, elem_id=elem_id("group_layout")) as layout_box:
+            _layout(c, defaults, elem_id, by_group["layout"])
+        ui.groups["layout"] = layout_box
         with gr.Accordion("Advanced", open=False):
             c[VALUES_FOR] = gr.Radio(
                 choices=[(label, name) for name, label in FAMILY_LABELS.items()],
@@ -59,6 +68,8 @@ def build(elem_id, family: str) -> Accordion:
                 elem_id=elem_id(VALUES_FOR),
             )
             for key, heading in GROUPS[1:]:
+                if key == "layout":
+                    continue
                 visible = key not in METHOD_GROUPS or defaults.mask_method == METHOD_GROUPS[key]
                 with gr.Column(variant="panel", visible=visible, elem_id=elem_id(f"group_{key}")) as column:
                     gr.Markdown(f"**{heading}**")
@@ -75,6 +86,37 @@ def build(elem_id, family: str) -> Accordion:
         family_defaults, inputs=[c[VALUES_FOR]], outputs=[c[name] for name in family_knobs()], queue=False
     )
     return ui
+
+
+def _layout(c: dict, defaults: FreeFuseSettings, elem_id, members: list[str]) -> None:
+    """The layout a user draws or uploads, how it is used, where masks come from, and exporting them."""
+    colours = [f"#{r:02x}{g:02x}{b:02x}" for r, g, b in PALETTE]
+    gr.Markdown(LAYOUT_HELP)
+    c["layout"] = gr.ImageEditor(
+        label="Layout drawing (one colour per subject)",
+        type="numpy",
+        image_mode="RGBA",
+        sources=("upload", "clipboard"),
+        layers=False,
+        brush=gr.Brush(colors=colours, default_color=colours[0], color_mode="fixed"),
+        elem_id=elem_id("layout"),
+    )
+    c["layout_masks"] = gr.File(
+        label="Or mask images: one black and white image per subject, in Subjects order",
+        file_count="multiple",
+        file_types=["image"],
+        elem_id=elem_id("layout_masks"),
+    )
+    for start in range(0, len(members), 2):
+        with gr.Row():
+            for name in members[start : start + 2]:
+                c[name] = component(name, defaults, elem_id)
+    c["locked_masks"] = gr.Textbox(  # filled by pasting an image's parameters; clear it to forget them
+        label="Masks of the pasted image",
+        info="Used when Masks from is image; pasting an image's parameters fills it in.",
+        max_lines=1,
+        elem_id=elem_id("locked_masks"),
+    )
 
 
 def component(name: str, defaults: FreeFuseSettings, elem_id, **extra):

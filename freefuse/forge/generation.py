@@ -24,22 +24,31 @@ from freefuse.forge import session as sessions
 from freefuse.forge import subjects as forge_subjects
 from freefuse.forge.families import family_name
 from freefuse.forge.session import Plan, Session, SubjectSpec
+from freefuse.layout_inputs import AUTOMATIC, LayoutChoice, LockedMasks, choose_layout, locked_from
+from freefuse.masks import TRAITS
 from freefuse.partition import SubjectMasks
-from freefuse.preview import mask_overlay, tensor_to_image
+from freefuse.preview import mask_images, mask_overlay, tensor_to_image
 from freefuse.settings import INFOTEXT_KEY, FreeFuseSettings, in_user_words
 
 log = logging.getLogger("freefuse")
 SUBJECTS_KEY = "FreeFuse subjects"
 NOTES_KEY = "FreeFuse notes"
+MASKS_KEY = "FreeFuse masks"  # per image: its masks, to lock them in a later generation
+EXPORTED_KEY = "FreeFuse mask images"  # API only: which extra image is which subject's exported mask
 NOTES_SEPARATOR = " | "
+_KEYS = (INFOTEXT_KEY, SUBJECTS_KEY, NOTES_KEY, MASKS_KEY, EXPORTED_KEY)
+
+_last: LockedMasks | None = None  # the masks of the last generation's first image ("Masks from: last")
+
+
+def last_masks() -> LockedMasks | None:
+    return _last
 
 
 def start(p) -> None:
     """A new generation (the script's process()): forget what an earlier generation on a copy of this ``p``
     left in the shared infotext dict (the XYZ grid copies ``p`` per cell, sharing ``extra_generation_params``)."""
-    p.extra_generation_params = {
-        k: v for k, v in p.extra_generation_params.items() if k not in (INFOTEXT_KEY, SUBJECTS_KEY, NOTES_KEY)
-    }
+    p.extra_generation_params = {k: v for k, v in p.extra_generation_params.items() if k not in _KEYS}
     p.freefuse_said = []
 
 
@@ -80,18 +89,24 @@ class FirstPass:
     family: str
     model: weakref.ref  # the first pass's KModel (weak: a checkpoint switch must be able to free it)
     subjects: list[SubjectSpec]
+    choice: LayoutChoice  # the user's layout for this batch and each subject's source
     masks: SubjectMasks | None = None  # set when the first pass's session ends
 
 
 class Generation:
-    def __init__(self, settings: FreeFuseSettings, family: str = "flux"):
+    def __init__(self, settings: FreeFuseSettings, family: str = "flux", inputs: dict | None = None):
         self.settings = settings
         self.family = family
+        self.inputs = inputs or {}  # layout drawing, mask images, pasted masks (freefuse.layout_inputs)
         self.session: Session | None = None
         self.summaries: dict[int, str] = {}  # image index in the job -> "harry: harry_potter 41%, ..."
         self.patched_images: set[int] = set()  # images whose sampling FreeFuse patched
         self.first_pass: FirstPass | None = None  # this batch's first pass, when FreeFuse patched it
         self.pictures: dict[int, object] = {}  # image index in the job -> its mask picture (PIL), to be saved
+        self.locked: dict[int, str] = {}  # image index in the job -> its "FreeFuse masks" infotext value
+        self.exports: dict[int, list] = {}  # image index in the job -> [(LoRA name, B/W mask PIL)], to be saved
+        self.exported: list[tuple[int, int, str]] = []  # (place in p.extra_result_images, image index, LoRA)
+        self._choice = LayoutChoice()  # this pass's layout
         self._final_images: dict[int, int] = {}  # id() of each final image Forge will save -> its index
 
     # ------------------------------------------------------------------ Forge callbacks
@@ -99,6 +114,7 @@ class Generation:
         """Infotext entries, per image: written only for images FreeFuse actually patched."""
         p.extra_generation_params[INFOTEXT_KEY] = self._settings_infotext
         p.extra_generation_params[SUBJECTS_KEY] = self._subjects_infotext
+        p.extra_generation_params[MASKS_KEY] = self._masks_infotext
 
     def before_sampling(self, p) -> None:
         """process_before_every_sampling: plan this pass and install the session (or explain why not)."""
@@ -132,11 +148,12 @@ class Generation:
             return
         self.session = session
         if not hires:
-            self.first_pass = FirstPass(session.family.name, weakref.ref(unet.model), plan.subjects)
+            self.first_pass = FirstPass(session.family.name, weakref.ref(unet.model), plan.subjects, self._choice)
         p.sd_model.forge_objects.unet = patched
 
     def after_batch(self, p, images: torch.Tensor, batch_number: int) -> None:
         """postprocess_batch: remove every hook, record coverage, add mask pictures."""
+        global _last
         try:
             self._end_session(p)
             if self.first_pass is None:
@@ -147,21 +164,40 @@ class Generation:
             if masks is None:
                 tell(p, "no masks were found for this batch; the subject LoRAs ran unmasked")
                 return
+            loras = [s.lora for s in subjects]
+            sources = [f" ({source})" if source != AUTOMATIC else "" for source in self.first_pass.choice.sources]
             coverage = masks.coverage  # [B, C]
             for i in range(coverage.shape[0]):
-                parts = [f"{s.lora}: {s.phrase} {100.0 * float(coverage[i, c]):.0f}%" for c, s in enumerate(subjects)]
+                parts = [
+                    f"{s.lora}: {s.phrase} {100.0 * float(coverage[i, c]):.0f}%{sources[c]}"
+                    for c, s in enumerate(subjects)
+                ]
                 self.summaries[first + i] = ", ".join(parts)
+                self.locked[first + i] = locked_from(masks.masks, i, loras, self.first_pass.family).to_text()
+            if batch_number == 0:
+                _last = locked_from(masks.masks, 0, loras, self.first_pass.family)
             if self.settings.show_masks or self.settings.save_mask_picture:
-                self._add_pictures(p, images, masks, [s.lora for s in subjects], first)
+                labels = [lora + source for lora, source in zip(loras, sources, strict=True)]
+                self._add_pictures(p, images, masks, labels, first)
+            if self.settings.export_masks:
+                self._add_exports(p, images, masks, loras, first)
         finally:
             sessions.close_active()
             self.first_pass = None  # nothing of this batch's model may outlive it
 
-    def finish(self) -> None:
-        """postprocess: nothing of this generation stays held by the script (models, pictures)."""
+    def finish(self, p=None, processed=None) -> None:
+        """postprocess: tell API clients which extra image is which exported mask; then nothing of this
+        generation stays held by the script (models, pictures)."""
         self._end_session(None)
         self.first_pass = None
+        if processed is not None and self.exported:  # the API returns processed.images, then the extra images
+            processed.extra_generation_params[EXPORTED_KEY] = [
+                {"index": len(processed.images) + place, "image": image, "subject": lora}
+                for place, image, lora in self.exported
+            ]
+        self.exported.clear()
         self.pictures.clear()
+        self.exports.clear()
         self._final_images.clear()
 
     # ------------------------------------------------------------------ helpers
@@ -207,6 +243,9 @@ class Generation:
     def _subjects_infotext(self, **where) -> str | None:
         return self.summaries.get(image_index(**where))
 
+    def _masks_infotext(self, **where) -> str | None:
+        return self.locked.get(image_index(**where))
+
     def _plan(self, p, hires: bool) -> Plan | None:
         sd_model = p.sd_model
         unet = sd_model.forge_objects.unet
@@ -236,28 +275,53 @@ class Generation:
             tell(p, note)
         if not found.active:
             return None
-        sigmas = p.sampler.get_sigmas(p, p.steps)
+        subjects = [SubjectSpec(s.lora, s.filename, s.phrase, list(s.match.positions)) for s in found.plan.subjects]
+        if hires:
+            self._choice = self.first_pass.choice
+            masks = self.first_pass.masks
+        else:
+            self._choice = self._layout_choice(p, family, [s.lora for s in subjects])
+            layout = self._choice.layout
+            masks = None
+            if layout is not None and layout.complete:  # every mask given: nothing to capture
+                masks = layout.given(TRAITS[family].token_grid(p.height, p.width), p.batch_size)
         return Plan(
             settings=self.settings,
-            subjects=[SubjectSpec(s.lora, s.filename, s.phrase, list(s.match.positions)) for s in found.plan.subjects],
+            subjects=subjects,
             background_positions=found.background,
             n_txt_cond=found.tokens.n_txt,
-            sigmas=sigmas.detach().float().cpu(),
-            masks=self.first_pass.masks if hires else None,
+            sigmas=_sigmas(p, hires),
+            masks=masks,
+            layout=self._choice.layout,
         )
+
+    def _layout_choice(self, p, family: str, loras: list[str]) -> LayoutChoice:
+        """The user's layout for these subjects (drawn, hinted, locked), cropped to an inpaint region."""
+        choice = choose_layout(
+            self.settings, self.inputs, loras, family, _last, allow_paths=not getattr(p, "is_api", False)
+        )
+        for message in choice.messages:
+            tell(p, message)
+        box = _inpaint_region(p)
+        if choice.layout is not None and box is not None:
+            choice.layout = choice.layout.cropped(box)
+        return choice
 
     def final_image(self, image, index: int) -> None:
         """postprocess_image_after_composite: the image Forge is about to save for job image ``index``."""
-        if index in self.pictures:
+        if index in self.pictures or index in self.exports:
             self._final_images[id(image)] = index
 
     def image_saved(self, image, filename: str) -> None:
-        """on_image_saved: save the mask picture of that image beside it, named after it."""
+        """on_image_saved: save the mask picture and exported masks of that image beside it, named after it."""
         index = self._final_images.pop(id(image), None)
-        if index is None or index not in self.pictures:
+        if index is None:
             return
         stem, _ = os.path.splitext(filename)
-        self.pictures.pop(index).save(f"{stem}-freefuse-masks.png")
+        if index in self.pictures:
+            self.pictures.pop(index).save(f"{stem}-freefuse-masks.png")
+        for lora, mask in self.exports.pop(index, []):
+            mask.save(f"{stem}-{_file_safe(lora)}.png")
 
     def _add_pictures(self, p, images: torch.Tensor, masks, labels: list[str], first: int) -> None:
         height, width = images.shape[-2:]
@@ -270,6 +334,44 @@ class Generation:
                 self.pictures[first + i] = picture  # until Forge saves image first + i
             if self.settings.show_masks:
                 p.extra_result_images.append(picture)
+
+    def _add_exports(self, p, images: torch.Tensor, masks, loras: list[str], first: int) -> None:
+        """One black/white mask per subject at the image's size: saved beside it, and in the API response."""
+        height, width = images.shape[-2:]
+        for i in range(masks.masks.shape[0]):
+            per_subject = list(zip(loras, mask_images(masks.masks[i], (height, width)), strict=True))
+            if _saves_images(p):
+                self.exports[first + i] = per_subject
+            if getattr(p, "is_api", False):
+                for lora, mask in per_subject:
+                    self.exported.append((len(p.extra_result_images), first + i, lora))
+                    p.extra_result_images.append(mask)
+
+
+def _sigmas(p, hires: bool) -> torch.Tensor:
+    """The schedule this pass samples: the whole one (txt2img), or its tail from the denoising strength
+    (img2img, a hires pass), as Forge's sample_img2img cuts it."""
+    if not (hires or getattr(p, "init_images", None)):
+        return p.sampler.get_sigmas(p, p.steps).detach().float().cpu()
+    from modules import sd_samplers_common
+
+    steps, t_enc = sd_samplers_common.setup_img2img_steps(p, (p.hr_second_pass_steps or p.steps) if hires else None)
+    sigmas = p.sampler.get_sigmas(p, steps)
+    return sigmas[steps - t_enc - 1 :].detach().float().cpu()
+
+
+def _inpaint_region(p) -> tuple[float, float, float, float] | None:
+    """An img2img inpaint "only masked" region as fractions (left, top, right, bottom) of the whole image."""
+    paste_to, whole = getattr(p, "paste_to", None), getattr(p, "mask_for_overlay", None)
+    if not paste_to or whole is None or not getattr(p, "inpaint_full_res", False):
+        return None
+    x, y, w, h = paste_to
+    width, height = whole.size
+    return x / width, y / height, (x + w) / width, (y + h) / height
+
+
+def _file_safe(name: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in name) or "subject"
 
 
 def _saves_images(p) -> bool:

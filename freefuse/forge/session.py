@@ -25,6 +25,7 @@ from freefuse.forge.loras import (
     resolve_module,
     take_out,
 )
+from freefuse.layouts import Layout
 from freefuse.masks import Capture, compute_masks, partition_maps, similarity_maps, x0_picture
 from freefuse.partition import SubjectMasks
 from freefuse.schedule import euler_step, is_step_start, step_index
@@ -53,7 +54,8 @@ class Plan:
     background_positions: list[int] | None
     n_txt_cond: int  # text tokens of the cond prompt
     sigmas: torch.Tensor  # [steps + 1] the sampler's schedule
-    masks: SubjectMasks | None = None  # given for a hires pass: reuse, resized, no capture
+    masks: SubjectMasks | None = None  # given (hires pass, a complete layout): used, resized, no capture
+    layout: Layout | None = None  # the user's drawing, hint or locked masks (freefuse.layout_inputs)
 
 
 @dataclass
@@ -307,9 +309,14 @@ class Session:
         self.call = _Call(shape, grid, step, sigma, mode, capture)
 
     def masks_at(self, grid: tuple[int, int]) -> SubjectMasks:
-        """The masks on another token grid (a hires pass, another UNet level), nearest so they stay hard."""
+        """The masks on another token grid (a hires pass, another UNet level), nearest so they stay hard. A
+        layout that gives every subject's mask is taken to each grid from the drawing itself."""
         if tuple(self.masks.grid_hw) == tuple(grid):
             return self.masks
+        layout = self.plan.layout
+        if layout is not None and layout.complete:
+            batch = self.masks.masks.shape[0]
+            return self.cached(("masks", tuple(grid)), lambda: layout.given(tuple(grid), batch))
         return self.cached(("masks", tuple(grid)), lambda: self.masks.resized(grid))
 
     def token_weights(self, layout: str, like: torch.Tensor, grid: tuple[int, int] | None = None):
@@ -361,7 +368,9 @@ class Session:
                     capture.grid_hw,
                 )
             else:
-                self.masks = compute_masks(capture, self.positions, bg, self.settings, self.family.traits)
+                self.masks = compute_masks(
+                    capture, self.positions, bg, self.settings, self.family.traits, layout=self.plan.layout
+                )
         except Exception as err:  # noqa: BLE001 - a failed capture must not break the generation
             log.exception("FreeFuse: mask computation failed")
             self.messages.append(f"could not compute masks ({err}); the subject LoRAs ran unmasked")
@@ -375,11 +384,11 @@ class Session:
         traits = self.family.traits
         try:
             picture, n_segments = x0_picture(x0)
-            self.masks = partition_maps(maps, grid, self.settings, traits, picture, n_segments)
+            self.masks = partition_maps(maps, grid, self.settings, traits, picture, n_segments, layout=self.plan.layout)
         except Exception as err:  # noqa: BLE001
             log.exception("FreeFuse: superpixel voting failed")
             self.messages.append(f"superpixel voting failed ({err}); used the balanced argmax instead")
-            self.masks = partition_maps(maps, grid, self.settings, traits)
+            self.masks = partition_maps(maps, grid, self.settings, traits, layout=self.plan.layout)
 
     # ------------------------------------------------------------------ restart schedule
     def run_phase1(self, model, cond, x, timestep, model_options) -> None:

@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from freefuse.attention import attention_bias_dense, channel_extras, padded_head_dim
 from freefuse.attention import attention_bias_channels as _channels
+from freefuse.attention import attention_bias_dense, channel_extras, padded_head_dim
 from freefuse.bias import BiasFactors, call_bias_factors
 
 # two subjects on a 3x4 image grid, a 7-token prompt: A owns text 1-2, B text 4

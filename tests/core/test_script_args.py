@@ -13,7 +13,22 @@ def test_the_positional_order_is_a_contract_values_for_follows_token_exclusion()
     names = positional_names()
     cut = names.index("values_for")
     assert names[:cut] == setting_names()[: setting_names().index("token_exclusion") + 1]
-    assert sorted(names[:cut] + names[cut + 1 :]) == sorted(setting_names())  # later settings come after it
+    assert names[cut:] == [
+        "values_for", "save_mask_picture", "layout_use", "hint_strength", "masks_from", "export_masks",
+        "layout", "layout_masks", "locked_masks",
+    ]  # fmt: skip
+    not_settings = ("values_for", "layout", "layout_masks", "locked_masks")
+    assert sorted(n for n in names if n not in not_settings) == sorted(setting_names())
+
+
+def test_the_inputs_that_are_no_settings_come_back_apart_in_both_forms():
+    drawing = "iVBORw0KGgo..."  # a base64 PNG, say
+    positional = positional_args(FreeFuseSettings.defaults("flux").replace(enabled=True), "flux", layout=drawing)
+    parsed = settings_from_args(positional)
+    assert parsed.inputs == {"layout": drawing, "layout_masks": None, "locked_masks": None} and not parsed.problems
+    named = settings_from_args([{"enabled": True, "locked_masks": "{...}", "masks_from": "image"}])
+    assert named.inputs == {"layout": None, "layout_masks": None, "locked_masks": "{...}"}
+    assert named.settings.masks_from == "image"
 
 
 def test_positional_args_follow_the_ui_order_and_missing_ones_default():
@@ -89,7 +104,8 @@ def test_old_positional_calls_without_values_for_read_as_flux_values():
     assert parsed.settings == FreeFuseSettings.defaults("sdxl").replace(enabled=True)
     assert parsed.notes == [
         "the values are set for FLUX but this is an SDXL model: the SDXL defaults are used; to choose them "
-        "yourself, set 'Values for' to SDXL (API: send \"sdxl\" as the last positional argument, or named settings)"
+        "yourself, set 'Values for' to SDXL (API: send \"sdxl\" as values_for, the positional argument after "
+        "token_exclusion, or named settings)"
     ]
 
 

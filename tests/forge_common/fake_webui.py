@@ -55,6 +55,9 @@ def _gradio() -> types.ModuleType:
         "Row",
         "Column",
         "Accordion",
+        "ImageEditor",
+        "File",
+        "Brush",
     ):
         setattr(gr, name, type(name, (Component,), {}))
     gr.update = lambda **kw: {"__type__": "update", **kw}
@@ -120,13 +123,25 @@ def _modules(state) -> dict[str, types.ModuleType]:
     networks.available_network_aliases = state.available_networks  # by name and alias, as Forge fills it
     networks.forbidden_network_aliases = {}
 
+    samplers_common = types.ModuleType("modules.sd_samplers_common")
+
+    def setup_img2img_steps(p, steps=None):  # as modules/sd_samplers_common.py
+        if getattr(state.opts, "img2img_fix_steps", False) or steps is not None:
+            requested = steps or p.steps
+            steps = int(requested / min(p.denoising_strength, 0.999)) if p.denoising_strength > 0 else 0
+            return steps, requested - 1
+        return p.steps, int(min(p.denoising_strength, 0.999) * p.steps)
+
+    samplers_common.setup_img2img_steps = setup_img2img_steps
+
     sd_models = types.ModuleType("modules.sd_models")
     sd_models.model_data = state.model_data
 
     modules.scripts, modules.script_callbacks, modules.ui_components = scripts, callbacks, ui_components
     modules.prompt_parser, modules.extra_networks, modules.shared = prompt_parser, extra_networks, shared
-    modules.sd_models = sd_models
+    modules.sd_models, modules.sd_samplers_common = sd_models, samplers_common
     return {
+        "modules.sd_samplers_common": samplers_common,
         "modules.shared": shared,
         "modules.sd_models": sd_models,
         "gradio": _gradio(),
@@ -261,7 +276,9 @@ class ClipEngine:
 class Processing:
     """The attributes of StableDiffusionProcessingTxt2Img that FreeFuse reads or writes."""
 
-    def __init__(self, prompt_with_tags: str, unet, *, steps=4, batch_size=1, engine=None, sigmas=None, api=False):
+    def __init__(
+        self, prompt_with_tags: str, unet, *, steps=4, batch_size=1, engine=None, sigmas=None, api=False, size=(64, 64)
+    ):
         self.prompt = prompt_with_tags
         self.is_api = api  # Forge sets it for /sdapi/v1 requests
         clean = re.sub(r"<lora:[^>]*>", "", prompt_with_tags).strip()
@@ -269,6 +286,8 @@ class Processing:
         self.all_prompts = [prompt_with_tags] * batch_size
         self.steps, self.batch_size, self.iteration = steps, batch_size, 0
         self.is_hr_pass = False
+        self.height, self.width = size
+        self.denoising_strength, self.hr_second_pass_steps = 0.7, 0  # the hires pass's (img2img: the image's)
         self.extra_generation_params: dict = {}
         self.extra_result_images: list = []
         self.comments: dict = {}
@@ -277,8 +296,11 @@ class Processing:
             text_processing_engine_t5=engine or T5Engine(),
             text_processing_engine_l=ClipEngine(),
         )
-        self._sigmas = sigmas if sigmas is not None else torch.linspace(1.0, 0.0, steps + 1)
-        self.sampler = types.SimpleNamespace(get_sigmas=lambda p, steps: self._sigmas)
+        self._sigmas = sigmas  # a fixed schedule, or None: linear in ``steps``
+        self.sampler = types.SimpleNamespace(get_sigmas=self._get_sigmas)
+
+    def _get_sigmas(self, p, steps):
+        return self._sigmas if self._sigmas is not None else torch.linspace(1.0, 0.0, steps + 1)
 
     def comment(self, text):
         self.comments[text] = 1

@@ -61,7 +61,8 @@ def generate(harness, webui, unet, args, *, prompt=PROMPT, batch=1, cfg=1.0, ste
     latent = harness.sample(unet, before_sampling=before, batch=batch, cfg=cfg, steps=steps, n_txt=n_txt, seed=21)
     images = torch.rand(batch, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     script.postprocess_batch(p, *args, images=images, batch_number=0)
-    script.postprocess(p, types.SimpleNamespace(), *args)
+    p.processed = types.SimpleNamespace(images=[object()] * batch, extra_generation_params=p.extra_generation_params)
+    script.postprocess(p, p.processed, *args)
     p.latent = latent
     return p
 
@@ -92,11 +93,12 @@ def recorded_settings(p, index=0):
 def test_ui_returns_one_component_per_setting_in_settings_order(webui):
     script = webui.module.FreeFuseScript()
     components = script.ui(False)
-    assert len(components) == len(setting_names()) + 1  # every setting, and "Values for" after Token exclusion
+    # every setting, "Values for" after Token exclusion, and the layout inputs (drawing, mask images, locked masks)
+    assert len(components) == len(setting_names()) + 1 + 3
     assert components[0].value is False  # the accordion is off by default
     assert [c.value for c in components] == [False, *positional_args(FreeFuseSettings.defaults("flux"), "flux")[1:]]
     assert len(script.infotext_fields) == len(components)
-    assert script.show(True) is False and script.show(False) is webui.module.scripts.AlwaysVisible
+    assert script.show(True) is script.show(False) is webui.module.scripts.AlwaysVisible  # txt2img and img2img
 
 
 def test_two_subjects_from_the_prompt_get_masks_a_picture_and_infotext(harness, webui, model):
@@ -177,8 +179,12 @@ def test_infotext_paste_back_restores_every_setting(webui):
     script.ui(False)
     chosen = FreeFuseSettings.defaults("flux").replace(enabled=True, mask_method="paper", temperature=300.0)
     params = {"FreeFuse": chosen.to_infotext("flux")}
-    restored = [reader(params) if callable(reader) else params.get(reader) for _, reader in script.infotext_fields]
-    assert restored == positional_args(chosen, "flux")
+    restored = dict(zip(positional_names(), (reader(params) for _, reader in script.infotext_fields), strict=True))
+    for drawing in ("layout", "layout_masks"):
+        assert restored.pop(drawing) == {"__type__": "update"}  # a drawing stays as it is
+    assert restored.pop("locked_masks") == ""  # no masks in the pasted text: none stay locked
+    expected = dict(zip(positional_names(), positional_args(chosen, "flux"), strict=True))
+    assert restored == {k: v for k, v in expected.items() if k in restored}
     assert script.infotext_fields[0][1]({}) is False  # no FreeFuse key: the accordion stays closed
 
 

@@ -96,8 +96,16 @@ class Job:
         p.is_hr_pass = False
 
     def finish(self):
-        self.script.postprocess(self.p, types.SimpleNamespace(), *self.args)
+        self.processed = processed_like_forge(self.p)
+        self.script.postprocess(self.p, self.processed, *self.args)
         return self.p
+
+
+def processed_like_forge(p):
+    """The Processed object postprocess gets: the job's images and the infotext dict (shared with p)."""
+    return types.SimpleNamespace(
+        images=[object()] * len(p.all_prompts), extra_generation_params=p.extra_generation_params
+    )
 
 
 def _strip_tags(prompt: str) -> str:

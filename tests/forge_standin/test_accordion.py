@@ -37,7 +37,7 @@ def test_the_components_come_back_in_the_positional_order_whatever_the_layout(sc
 
 def test_advanced_is_grouped_by_purpose_in_order(script):
     built = _built(script)
-    assert list(built.groups) == [key for key, _ in GROUPS[1:]]
+    assert list(built.groups) == ["layout", *(key for key, _ in GROUPS[1:] if key != "layout")]  # layout: its own
     for key, column in built.groups.items():
         assert column.kwargs["elem_id"].endswith(f"group_{key}")
 
