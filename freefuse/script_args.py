@@ -60,7 +60,8 @@ class ParsedArgs:
 
 VALUES_FOR = "values_for"
 INPUTS = ("layout", "layout_masks", "locked_masks")  # positional values that are no settings: a drawing, mask
-# images (one per subject), the masks of a pasted image
+# images (one per subject), the masks of a pasted image; their UI values when nothing is given:
+INPUT_DEFAULTS = {"layout": None, "layout_masks": None, "locked_masks": ""}
 _LAST_OF_01 = "token_exclusion"  # the last setting of version 0.1
 _AFTER_01 = ("values_for", "save_mask_picture", "layout_use", "hint_strength", "masks_from", "export_masks", *INPUTS)
 
@@ -76,7 +77,7 @@ def positional_names() -> list[str]:
 def positional_args(settings: FreeFuseSettings, values_for: str, **inputs: Any) -> list[Any]:
     """``settings`` (and ``inputs``: a layout drawing, locked masks) as the positional list the accordion sends
     and an API client may send."""
-    values = {**settings.to_dict(), VALUES_FOR: values_for, **{name: inputs.get(name) for name in INPUTS}}
+    values = {**settings.to_dict(), VALUES_FOR: values_for, **{name: inputs.get(name, INPUT_DEFAULTS[name]) for name in INPUTS}}
     return [values[name] for name in positional_names()]
 
 

@@ -112,6 +112,7 @@ def _layout(c: dict, defaults: FreeFuseSettings, elem_id, members: list[str]) ->
             for name in members[start : start + 2]:
                 c[name] = component(name, defaults, elem_id)
     c["locked_masks"] = gr.Textbox(  # filled by pasting an image's parameters; clear it to forget them
+        value="",  # a str: Forge's API paste converts a pasted value to the component's value type
         label="Masks of the pasted image",
         info="Used when Masks from is image; pasting an image's parameters fills it in.",
         max_lines=1,

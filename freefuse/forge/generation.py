@@ -305,6 +305,8 @@ class Generation:
         box = _inpaint_region(p)
         if choice.layout is not None and box is not None:
             choice.layout = choice.layout.cropped(box)
+            drawn = choice.layout.drawn
+            choice.sources = [s if d else AUTOMATIC for s, d in zip(choice.sources, drawn, strict=True)]
         return choice
 
     def final_image(self, image, index: int) -> None:

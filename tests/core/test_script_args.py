@@ -25,7 +25,7 @@ def test_the_inputs_that_are_no_settings_come_back_apart_in_both_forms():
     drawing = "iVBORw0KGgo..."  # a base64 PNG, say
     positional = positional_args(FreeFuseSettings.defaults("flux").replace(enabled=True), "flux", layout=drawing)
     parsed = settings_from_args(positional)
-    assert parsed.inputs == {"layout": drawing, "layout_masks": None, "locked_masks": None} and not parsed.problems
+    assert parsed.inputs == {"layout": drawing, "layout_masks": None, "locked_masks": ""} and not parsed.problems
     named = settings_from_args([{"enabled": True, "locked_masks": "{...}", "masks_from": "image"}])
     assert named.inputs == {"layout": None, "layout_masks": None, "locked_masks": "{...}"}
     assert named.settings.masks_from == "image"
