@@ -100,7 +100,8 @@ def choose_layout(
         return choice
     choice.messages += layout.problems
     if not any(layout.drawn):
-        choice.messages.append("the layout has no subject's colour in it; all masks are automatic")
+        if not layout.problems:  # else the problem already said why nothing is usable
+            choice.messages.append("the layout has no subject's colour in it; all masks are automatic")
         return choice
     layout.use, layout.strength = settings.layout_use, settings.hint_strength
     if layout.use == "hint" and layout.strength <= 0.0:

@@ -113,6 +113,8 @@ def layout_from_masks(images: list[np.ndarray | None], n_subjects: int) -> Layou
             problems.append(f"mask image {c + 1} is not a black/white mask (many grey pixels); it is ignored")
             planes.append(np.zeros((height, width), dtype=np.float32))
             continue
+        if not (grey >= 0.5).any():
+            problems.append(f"mask image {c + 1} is empty (all black); that subject's mask is automatic")
         plane = torch.from_numpy((grey >= 0.5).astype(np.float32))[None, None]
         planes.append(F.interpolate(plane, size=(height, width), mode="nearest-exact")[0, 0].numpy())
     masks = np.stack(planes)

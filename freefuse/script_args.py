@@ -77,7 +77,11 @@ def positional_names() -> list[str]:
 def positional_args(settings: FreeFuseSettings, values_for: str, **inputs: Any) -> list[Any]:
     """``settings`` (and ``inputs``: a layout drawing, locked masks) as the positional list the accordion sends
     and an API client may send."""
-    values = {**settings.to_dict(), VALUES_FOR: values_for, **{name: inputs.get(name, INPUT_DEFAULTS[name]) for name in INPUTS}}
+    values = {
+        **settings.to_dict(),
+        VALUES_FOR: values_for,
+        **{name: inputs.get(name, INPUT_DEFAULTS[name]) for name in INPUTS},
+    }
     return [values[name] for name in positional_names()]
 
 

@@ -49,7 +49,7 @@ class FreeFuseScript(scripts.Script):
     def show(self, is_img2img):
         if not self._watching_prompt:  # show() is called again and again (Script.elem_id calls it)
             self._watching_prompt = True
-            tab = "img2img" if is_img2img else "txt2img"
+            tab = "img2img" if getattr(self, "is_img2img", is_img2img) else "txt2img"  # this instance's own tab
             self.on_after_component(self._remember_prompt, elem_id=f"{tab}_prompt")
         return scripts.AlwaysVisible
 

@@ -25,7 +25,7 @@ CHROMIUM_FLAGS = [
     "--disable-component-update",
     "--disable-sync",
 ]
-ID = "#script_freefuse_"  # the accordion's element ids (Forge drops the tab name: FreeFuse is txt2img-only)
+ID = "#script_txt2img_freefuse_"  # the txt2img accordion's element ids (img2img has its own, script_img2img_...)
 
 
 def _chromium() -> str | None:
@@ -144,6 +144,61 @@ def test_paste_back_restores_the_accordion(page, webui):
     assert page.locator(f"{ID}mask_method").get_by_label("paper").is_checked()
     assert _number(page, "capture_step").input_value() == "3"
     assert page.locator(f"{ID}group_paper").is_visible()  # the pasted method's knobs show
+    # the image's masks come along and are locked ("Masks from: image")
+    _open_layout(page)
+    assert page.locator(f"{ID}masks_from").get_by_label("image").is_checked()
+    locked = page.locator(f"{ID}locked_masks").locator("input, textarea").first.input_value()
+    assert locked.startswith("family=flux; subjects=harry%0Adaiyu; map=")
+
+
+def _open_layout(page):
+    if not page.locator(f"{ID}layout_use").is_visible():
+        page.locator(f"{ID}group_layout").get_by_text("Layout", exact=True).first.click()
+        page.locator(f"{ID}layout_use").wait_for()
+
+
+def _drawing_file(tmp_path, width=64, height=64):
+    """A colour-coded layout: the first subject (red) on the left three quarters, the second (green) right."""
+    from PIL import Image
+
+    image = Image.new("RGB", (width, height), (255, 0, 0))
+    image.paste((0, 255, 0), (width * 3 // 4, 0, width, height))
+    path = tmp_path / "layout.png"
+    image.save(path)
+    return path
+
+
+def _generate(page, tab, prompt):
+    for name, value in ((f"{tab}_steps", "6"), (f"{tab}_width", "64"), (f"{tab}_height", "64")):
+        box = page.locator(f"#{name} input[type=number]")
+        box.fill(value)
+        box.press("Enter")
+    page.locator(f"#{tab}_prompt textarea").fill(prompt)
+    page.locator(f"#{tab}_generate").click()
+    page.wait_for_function(
+        f"() => document.querySelector('#html_info_{tab}').innerText.includes('FreeFuse subjects')", timeout=120_000
+    )
+    return page.locator(f"#html_info_{tab}").inner_text()
+
+
+def test_a_layout_uploaded_onto_the_canvas_gives_the_drawn_masks(page, tmp_path):
+    _open_freefuse(page, advanced=False)
+    _open_layout(page)
+    page.locator(f"{ID}layout input[type=file]").first.set_input_files(str(_drawing_file(tmp_path)))
+    page.locator(f"{ID}layout canvas").first.wait_for()
+    info = _generate(page, "txt2img", FLUX_SUBJECTS_PROMPT)
+    assert "harry: harry 75% (drawn), daiyu: daiyu 25% (drawn)" in info, info
+
+
+def test_img2img_has_its_own_freefuse_accordion_with_the_layout(page):
+    page.locator("#tab_img2img-button").click()  # the main tab (img2img has an inner tab of that name)
+    img2img = "#script_img2img_freefuse_"
+    page.locator(f"{img2img}enabled-visible-checkbox").check()
+    page.locator(f"{img2img}enabled > .label-wrap").click(position={"x": 300, "y": 10})
+    page.locator(f"{img2img}subjects").wait_for()
+    page.locator(f"{img2img}group_layout").get_by_text("Layout", exact=True).first.click()
+    page.locator(f"{img2img}layout").wait_for()
+    assert page.locator(f"{img2img}masks_from").is_visible()
 
 
 @pytest.mark.parametrize("page", list(MODELS), indirect=True)

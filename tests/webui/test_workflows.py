@@ -127,7 +127,7 @@ def test_after_a_failed_freefuse_run_every_next_generation_is_bit_identical_to_a
     assert webui.txt2img(failing, check=False).status == 500
     assert same(webui.txt2img(plain).images[0], source)  # the same tab and model
     assert webui.txt2img(failing, check=False).status == 500
-    webui.select_model("flux_b")  # another checkpoint with other widths, in img2img (where FreeFuse has no script)
+    webui.select_model("flux_b")  # another checkpoint with other widths, in img2img (FreeFuse not enabled there)
     assert same(_img2img(webui, source), clean_other_img2img)
     assert same(webui.txt2img({**FLUX_TXT2IMG, "prompt": "photo of harry"}).images[0], clean_other)
     webui.select_model("flux_a")
@@ -165,7 +165,7 @@ def test_sdxl_values_equal_to_flux_defaults_are_used_and_a_pasted_infotext_repro
     # Forge's paste-back fills the accordion (its API fails on its own list-typed fields unless they are set)
     lists = {"styles": [], "hr_additional_modules": ["Use same choices"]}
     pasted = webui.txt2img({**body, **lists, "infotext": saved["info"]})
-    assert entry(pasted.infotexts[0], "FreeFuse") == recorded
+    assert entry(pasted.infotexts[0], "FreeFuse") == recorded + "; masks_from=image"  # the PNG's masks, locked
     assert same(pasted.images[0], first.images[0])
 
 
