@@ -207,3 +207,16 @@ def test_sdxl_given_masks_reach_every_unet_level_taken_from_the_drawing(harness,
 def forget_the_last_generation(monkeypatch):
     """Each test starts as if no generation had run ("Masks from: last" has nothing)."""
     monkeypatch.setattr(generations, "_last", None)
+
+
+def test_the_hires_pass_takes_a_drawn_layout_to_its_own_grid_exactly(harness, webui, model, monkeypatch):
+    unet, both, loras = model
+    drawing = _drawing()
+    job = Job(harness, webui, [{**ON, "layout": _png(drawing)}])
+    job.start(both)
+    seen = Seen(monkeypatch)
+    job.batch(0, both, hires_size=(128, 128))
+    p = job.finish()
+    hires = [m for m in seen.masks if tuple(m.shape[-2:]) == (8, 8)]  # the hires pass's FLUX token grid
+    assert hires and all(torch.equal(m[0], on_grid(torch.from_numpy(_mask_planes(drawing)), (8, 8))) for m in hires)
+    assert seen.captures == 0 and not p.comments, p.comments
