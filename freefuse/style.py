@@ -1,0 +1,170 @@
+"""Subject + style fusion: at every LoRA layer and step, inside each subject's region, the subject branch or the
+style branch is applied, chosen from the features (feature-level selection, arXiv 2602.15539) or from the
+weights and the time (K-LoRA, arXiv 2502.18461); the background always gets the style.
+
+Everything here is a function of tensors; the Forge layer gathers them. Layouts:
+
+- ``h0`` ``[B, n, F]``: the layer's base output at n sampled tokens (cond rows only), F output features;
+- ``deltas`` ``[B, n, A, F]``: each owner's delta there (A = the subjects, then the style branch last);
+- ``regions`` ``[B, n, C]``: each subject's mask at those tokens (C = A - 1);
+- token weights ``[rows, L, A]``: what the runtime LoRA path multiplies each owner's delta by, per token.
+
+The decision ``u`` ``[B, C]`` is 1 where the subject wins (ties go to the subject), 0 where the style wins, or a
+soft weight between. With masks M_i, u and a style floor f, a spatial layer's output is
+
+    h = h0 + (1 - sum_i M_i) d_s + sum_i M_i (u_i (d_i + f d_s) + (1 - u_i) d_s)
+
+which is the runtime path with the subject weights ``u_i M_i`` and the style weight ``1 - (1 - f) sum_i u_i M_i``:
+the selection only changes token weights, so it adds no matmul to the layer.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+METRICS = ("kl", "var", "l2", "cos")  # feature divergences; "var" and "l2" are KL's cheaper second-order proxies
+SELECTORS = (*METRICS, "klora", "sum")  # "sum": both branches everywhere (static stacking, for A/B)
+RAMPS = ("s*", "s")  # K-LoRA's time ramps
+EMPTY_REGION = 1e-6  # a region with less mask than this at a layer's sampled tokens makes no decision
+
+
+# ---------------------------------------------------------------------- divergences
+def divergence(h0: Tensor, delta: Tensor, metric: str = "kl") -> Tensor:
+    """How far ``h0 + delta`` moves from ``h0``, per token: ``[..., F]`` -> ``[...]`` float32.
+
+    kl: KL(softmax(h0) || softmax(h0 + delta)) over the features; var: its second-order value, half the
+    variance of delta under softmax(h0); l2: the mean squared delta; cos: 1 - cos(h0, h0 + delta).
+    """
+    h0, delta = h0.float(), delta.float()
+    if metric == "kl":
+        log_p = F.log_softmax(h0, dim=-1)
+        log_q = F.log_softmax(h0 + delta, dim=-1)
+        return (log_p.exp() * (log_p - log_q)).sum(-1)
+    if metric == "var":
+        p = F.softmax(h0, dim=-1)
+        mean = (p * delta).sum(-1)
+        return 0.5 * ((p * delta * delta).sum(-1) - mean * mean)
+    if metric == "l2":
+        return (delta * delta).mean(-1)
+    if metric == "cos":
+        return 1.0 - F.cosine_similarity(h0, h0 + delta, dim=-1, eps=1e-12)
+    raise ValueError(f"unknown divergence {metric!r}; one of {', '.join(METRICS)}")
+
+
+def sampled_tokens(n_tokens: int, max_tokens: int, device=None) -> Tensor:
+    """A deterministic strided subset of at most ``max_tokens`` of ``n_tokens`` positions (all when fewer)."""
+    stride = max(1, math.ceil(n_tokens / max(1, max_tokens)))
+    return torch.arange(0, n_tokens, stride, device=device)
+
+
+def region_scores(per_token: Tensor, regions: Tensor) -> tuple[Tensor, Tensor]:
+    """Mask-weighted means of per-token divergences: ``per_token`` ``[B, n]``, ``regions`` ``[B, n, C]`` ->
+    (scores ``[B, C]``, present ``[B, C]`` bool: the region has mask at these tokens)."""
+    mass = regions.float().sum(1)  # [B, C]
+    total = torch.einsum("bn,bnc->bc", per_token.float(), regions.float())
+    return total / mass.clamp(min=EMPTY_REGION), mass > EMPTY_REGION
+
+
+def choose(subject: Tensor, style: Tensor, bias: float | Tensor = 1.0, kappa: float = math.inf) -> Tensor:
+    """The subject's share: hard (``kappa`` inf) 1 where ``subject >= bias * style`` else 0; soft
+    ``subject^k / (subject^k + (bias * style)^k)``. Shapes broadcast."""
+    rival = style * bias
+    if math.isinf(kappa):
+        return (subject >= rival).float()
+    s, r = subject.clamp(min=0) ** kappa, rival.clamp(min=0) ** kappa
+    return torch.where(s + r > 0, s / (s + r).clamp(min=1e-30), torch.ones_like(s))
+
+
+def select(
+    h0: Tensor,
+    deltas: Tensor,
+    regions: Tensor,
+    metric: str = "kl",
+    bias: float | Tensor = 1.0,
+    kappa: float = math.inf,
+) -> tuple[Tensor, Tensor]:
+    """Feature-level selection in each region: ``u`` ``[B, C]`` and which regions decided ``[B, C]``.
+
+    Subject i is compared with the style branch on region i's tokens (``deltas[..., i, :]`` against
+    ``deltas[..., -1, :]``). A region without mask at these tokens does not decide (u = 0 there: it follows
+    the background, which has the style)."""
+    n_subjects = deltas.shape[-2] - 1
+    style = divergence(h0, deltas[..., -1, :], metric)  # [B, n]
+    u, present = [], []
+    for i in range(n_subjects):
+        s_subject, has = region_scores(divergence(h0, deltas[..., i, :], metric), regions[..., i : i + 1])
+        s_style, _ = region_scores(style, regions[..., i : i + 1])
+        u.append(torch.where(has, choose(s_subject, s_style, bias, kappa), torch.zeros_like(s_subject)))
+        present.append(has)
+    return torch.cat(u, dim=1), torch.cat(present, dim=1)
+
+
+def select_text(h0: Tensor, deltas: Tensor, metric: str = "kl", bias: float | Tensor = 1.0, kappa=math.inf) -> Tensor:
+    """Text-side layers: one decision per sample over all tokens, the subjects' summed delta against the
+    style's: ``[B]``."""
+    subjects = divergence(h0, deltas[..., :-1, :].sum(-2), metric).mean(-1)  # [B]
+    style = divergence(h0, deltas[..., -1, :], metric).mean(-1)
+    return choose(subjects, style, bias, kappa)
+
+
+# ---------------------------------------------------------------------- decisions -> token weights
+def fused_image_weights(weights: Tensor, u: Tensor, floor: float = 0.0) -> Tensor:
+    """Token weights of image tokens after selection: ``weights`` ``[rows, L, A]`` (subject columns = masks,
+    style column = 1), ``u`` ``[rows, C]`` -> subject i gets ``u_i M_i``, the style ``1 - (1 - floor) sum u_i M_i``."""
+    chosen = weights[..., :-1] * u[:, None, :].to(weights.dtype)  # [rows, L, C]
+    style = 1.0 - (1.0 - floor) * chosen.sum(-1, keepdim=True)  # [rows, L, 1]
+    return torch.cat([chosen, style], dim=-1)
+
+
+def fused_text_weights(weights: Tensor, u: Tensor, floor: float = 0.0) -> Tensor:
+    """Token weights of text tokens after the text-side decision ``u`` ``[rows]``: subject columns (token
+    exclusion) times u, the style ``1 - (1 - floor) u``."""
+    shape = (-1,) + (1,) * (weights.ndim - 1)
+    u = u.to(weights.dtype).reshape(shape)
+    chosen = weights[..., :-1] * u
+    style = (1.0 - (1.0 - floor) * u).expand(*weights.shape[:-1], 1)
+    return torch.cat([chosen, style], dim=-1)
+
+
+def share_with_uncond(u_cond: Tensor, cond_or_uncond: Sequence[int]) -> Tensor:
+    """Decisions made on the cond rows ``[B, ...]``, laid out over a call's chunks (cond and uncond rows of
+    image b get image b's decision): ``[len(cond_or_uncond) * B, ...]``."""
+    return u_cond.repeat(len(cond_or_uncond), *([1] * (u_cond.ndim - 1)))
+
+
+# ---------------------------------------------------------------------- K-LoRA's rule
+def klora_score(delta_weight: Tensor, k: int) -> float:
+    """The sum of the ``k`` largest |entries| of a dense delta weight."""
+    flat = delta_weight.detach().float().abs().flatten()
+    return float(flat.topk(min(k, flat.numel())).values.sum())
+
+
+def klora_balance(ratios: Sequence[float]) -> float:
+    """K-LoRA's global balance: the mean subject/style L1 ratio over layers, recomputed without the layers whose
+    ratio is at least three times the first mean."""
+    values = [r for r in ratios if math.isfinite(r)]
+    if not values:
+        return 1.0
+    first = sum(values) / len(values)
+    kept = [r for r in values if r < 3.0 * first] or values
+    return sum(kept) / len(kept)
+
+
+def klora_ramp(progress: float, pattern: str = "s*") -> float:
+    """K-LoRA's style ramp S(t) at ``progress`` (0 at pure noise, 1 at the end): "s" = 1.5 p + 0.5;
+    "s*" = (1.5 p + 1.275) mod 1.5 (high for the first 15 %, then from 0 up to 1.275)."""
+    if pattern == "s":
+        return 1.5 * progress + 0.5
+    if pattern == "s*":
+        return math.fmod(1.5 * progress + 0.85 * 1.5, 1.5)
+    raise ValueError(f"unknown K-LoRA ramp {pattern!r}; one of {', '.join(RAMPS)}")
+
+
+def klora_uses_subject(subject_score: float, style_score: float, balance: float, ramp: float) -> bool:
+    """K-LoRA: the subject (content) delta is used iff (S_c / gamma) / (S_s * S(t)) > 1."""
+    return subject_score / balance > style_score * ramp
