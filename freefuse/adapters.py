@@ -216,12 +216,45 @@ class MaskedDelta:
         out = torch.zeros(*x.shape[:-1], self.out_features, device=x.device, dtype=self.dtype)
         return self.add_to(out, x, token_weights).to(x.dtype)
 
-    def add_to(self, out: Tensor, x: Tensor, token_weights: Tensor | None = None) -> Tensor:
-        """Add delta(x) to out [..., L, out_features] in place (e.g. a layer's output); returns out."""
+    def ranks(self, x: Tensor) -> Tensor:
+        """The rank activations ``x @ D^T`` [..., L, R_total] that ``add_to`` and ``owner_deltas`` share."""
+        return F.linear(x.to(self.dtype), self.down)
+
+    def owner_deltas(self, x: Tensor, ranks: Tensor) -> Tensor:
+        """Each owner's own delta at a few tokens: x [..., n, in] and its ``ranks`` [..., n, R_total] ->
+        [..., n, A, out_features] (A = n_owners), unweighted. Costs n x R x out per owner, no base matmul."""
+        xc = x.to(self.dtype)
+        out = torch.zeros(*x.shape[:-1], self._n_owners, self.out_features, device=xc.device, dtype=self.dtype)
+        if self.rank:
+            owners = torch.arange(self._n_owners, device=self.device)
+            split = ranks.to(self.dtype)[..., None, :] * (self.rank_owner[None, :] == owners[:, None])  # [.., A, R]
+            for start, stop, r0, r1, block in self.up_blocks:
+                out[..., start:stop] += F.linear(split[..., r0:r1], block)
+        for owner, start, stop, w in self.dense:
+            out[..., owner, start:stop] += F.linear(xc, w)
+        return out
+
+    def owner_weight(self, owner: int) -> Tensor:
+        """One owner's whole delta weight [out_features, in_features], dense, float32 (K-LoRA's scores)."""
+        weight = torch.zeros(self.out_features, self.in_features or 0, device=self.device, dtype=torch.float32)
+        mine = self.rank_owner == owner
+        for start, stop, r0, r1, block in self.up_blocks:
+            rows = mine[r0:r1]
+            weight[start:stop] += block[:, rows].float() @ self.down[r0:r1][rows].float()
+        for o, start, stop, w in self.dense:
+            if o == owner:
+                weight[start:stop] += w.float()
+        return weight
+
+    def add_to(
+        self, out: Tensor, x: Tensor, token_weights: Tensor | None = None, ranks: Tensor | None = None
+    ) -> Tensor:
+        """Add delta(x) to out [..., L, out_features] in place (e.g. a layer's output); returns out. ``ranks``:
+        ``self.ranks(x)`` when the caller has it already."""
         xc = x.to(self.dtype)
         tw = None if token_weights is None else self._weights_for(xc, token_weights)
         if self.rank:
-            h = F.linear(xc, self.down)  # [..., L, R_total]
+            h = self.ranks(xc) if ranks is None else ranks  # [..., L, R_total]
             if tw is not None:
                 h = h * tw[..., self.rank_owner]  # [..., L, R_total]
             if out.dtype == self.dtype and out.is_contiguous():

@@ -88,9 +88,28 @@ class MaskedConvDelta:
         new.rank_owner = self.rank_owner.to(device)
         return new
 
-    def __call__(self, x: Tensor, weights: Tensor | None = None) -> Tensor:
+    def ranks(self, x: Tensor) -> Tensor:
+        """The rank activations [B, R_total, h', w'] (every LoRA's down conv) that the delta and
+        ``owner_deltas`` share."""
+        return F.conv2d(
+            x.to(self.down.dtype), self.down, stride=self.stride, padding=self.padding, dilation=self.dilation
+        )
+
+    def owner_deltas(self, x, ranks: Tensor) -> Tensor:
+        """Each owner's own delta at a few output pixels: ``ranks`` [..., n, R_total] (rank activations at those
+        pixels, channels last) -> [..., n, A, out], unweighted (``x`` is not needed: ``up`` is 1x1)."""
+        owners = torch.arange(self.n_owners, device=self.rank_owner.device)
+        split = ranks.to(self.up.dtype)[..., None, :] * (self.rank_owner[None, :] == owners[:, None])  # [.., A, R]
+        return F.linear(split, self.up[:, :, 0, 0])
+
+    def owner_weight(self, owner: int) -> Tensor:
+        """One owner's whole delta weight [out, in * kh * kw], dense, float32 (K-LoRA's scores)."""
+        mine = self.rank_owner == owner
+        return self.up[:, mine, 0, 0].float() @ self.down[mine].flatten(1).float()
+
+    def __call__(self, x: Tensor, weights: Tensor | None = None, ranks: Tensor | None = None) -> Tensor:
         """Delta [B, out, h', w'] for x [B, in, h, w]; weights [B or 1, A, h', w'] (None = all ones)."""
-        h = F.conv2d(x.to(self.down.dtype), self.down, stride=self.stride, padding=self.padding, dilation=self.dilation)
+        h = self.ranks(x) if ranks is None else ranks
         if weights is not None:
             weights = weights.to(h.device, h.dtype)
             if weights.shape[0] not in (1, h.shape[0]):
@@ -102,8 +121,8 @@ class MaskedConvDelta:
             h = h * weights[:, self.rank_owner]  # [B, R_total, h', w']
         return F.conv2d(h, self.up).to(x.dtype)
 
-    def add_to(self, out: Tensor, x: Tensor, weights: Tensor | None = None) -> Tensor:
-        return out.add_(self(x, weights))
+    def add_to(self, out: Tensor, x: Tensor, weights: Tensor | None = None, ranks: Tensor | None = None) -> Tensor:
+        return out.add_(self(x, weights, ranks))
 
     def check_fits(self, in_channels: int, out_channels: int, kernel_size, stride, padding, dilation) -> None:
         """Raise ValueError unless this delta runs on the conv layer's input (on its own device and dtype, with

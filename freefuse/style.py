@@ -168,3 +168,89 @@ def klora_ramp(progress: float, pattern: str = "s*") -> float:
 def klora_uses_subject(subject_score: float, style_score: float, balance: float, ramp: float) -> bool:
     """K-LoRA: the subject (content) delta is used iff (S_c / gamma) / (S_s * S(t)) > 1."""
     return subject_score / balance > style_score * ramp
+
+
+# ---------------------------------------------------------------------- one layer, one call
+def token_split(layout: str, n_tokens: int, n_txt: int) -> tuple[slice, slice]:
+    """(text tokens, image tokens) of a layer's token axis by its layout: "image"/"conv" all image, "text" and
+    "global" (one vector per row) all text, "joint" the first ``n_txt`` text and the rest image."""
+    if layout in ("image", "conv"):
+        return slice(0, 0), slice(0, n_tokens)
+    if layout == "joint":
+        return slice(0, n_txt), slice(n_txt, n_tokens)
+    return slice(0, n_tokens), slice(0, 0)
+
+
+def fuse_layer(
+    weights: Tensor,
+    h0: Tensor,
+    deltas_at,
+    *,
+    layout: str,
+    n_txt: int,
+    cond_rows: Tensor,
+    n_chunks: int,
+    metric: str = "kl",
+    max_tokens: int = 1024,
+    floor: float = 0.0,
+    bias: float = 1.0,
+    kappa: float = math.inf,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Feature-level selection for one layer call: the token weights with each region's branch chosen.
+
+    ``weights`` ``[rows, L, A]`` (``[rows, A]`` for "global", ``[rows, A, h, w]`` for "conv"; style column last),
+    ``h0`` the base output ``[rows, L, F]`` (``[rows, F]``; ``[rows, F, h, w]``), ``deltas_at(rows, tokens)`` each
+    owner's delta ``[len(rows), len(tokens), A, F]``. Decisions are made on ``cond_rows`` (one per image) at a
+    strided subset of at most ``max_tokens`` tokens per part and copied to the other ``n_chunks - 1`` chunks.
+    Returns (weights, u ``[B, C]`` of the image regions, which regions decided ``[B, C]``).
+    """
+    conv = layout == "conv"
+    if conv:
+        grid = weights.shape[-2:]
+        weights, h0 = weights.flatten(2).transpose(1, 2), h0.flatten(2).transpose(1, 2)  # [rows, hw, A|F]
+    flat = weights.ndim == 2  # "global": one vector per row, as one text token
+    if flat:
+        weights, h0 = weights[:, None, :], h0[:, None, :]
+    n_subjects = weights.shape[-1] - 1
+    text, image = token_split(layout, weights.shape[1], n_txt)
+    fused = weights.clone()
+    u = torch.zeros(len(cond_rows), n_subjects, device=weights.device)
+    decided = torch.zeros(len(cond_rows), n_subjects, dtype=torch.bool, device=weights.device)
+    if image.stop > image.start:
+        tokens = image.start + sampled_tokens(image.stop - image.start, max_tokens, weights.device)
+        regions = weights[cond_rows][:, tokens, :-1]  # [B, n, C]: the subjects' masks there
+        u, decided = select(h0[cond_rows][:, tokens], deltas_at(cond_rows, tokens), regions, metric, bias, kappa)
+        fused[:, image] = fused_image_weights(weights[:, image], share_with_uncond(u, range(n_chunks)), floor)
+    if text.stop > text.start:
+        tokens = text.start + sampled_tokens(text.stop - text.start, max_tokens, weights.device)
+        u_text = select_text(h0[cond_rows][:, tokens], deltas_at(cond_rows, tokens), metric, bias, kappa)
+        fused[:, text] = fused_text_weights(weights[:, text], share_with_uncond(u_text, range(n_chunks)), floor)
+    if flat:
+        fused = fused[:, 0]
+    if conv:
+        fused = fused.transpose(1, 2).reshape(fused.shape[0], -1, *grid)
+    return fused, u, decided
+
+
+def fixed_weights(weights: Tensor, layout: str, n_txt: int, u: Tensor, u_text: float, floor: float = 0.0) -> Tensor:
+    """The token weights for decisions made without features (K-LoRA): ``u`` ``[C]`` per region, ``u_text`` for
+    the text tokens, the same for every row. Layouts as in ``fuse_layer``."""
+    conv = layout == "conv"
+    if conv:
+        grid = weights.shape[-2:]
+        weights = weights.flatten(2).transpose(1, 2)
+    flat = weights.ndim == 2
+    if flat:
+        weights = weights[:, None, :]
+    text, image = token_split(layout, weights.shape[1], n_txt)
+    fused = weights.clone()
+    rows = weights.shape[0]
+    if image.stop > image.start:
+        fused[:, image] = fused_image_weights(weights[:, image], u.to(weights)[None].expand(rows, -1), floor)
+    if text.stop > text.start:
+        fused[:, text] = fused_text_weights(weights[:, text], torch.full((rows,), float(u_text)).to(weights), floor)
+    if flat:
+        fused = fused[:, 0]
+    if conv:
+        fused = fused.transpose(1, 2).reshape(fused.shape[0], -1, *grid)
+    return fused

@@ -145,3 +145,48 @@ def test_klora_reproduces_its_rule_on_random_weights_at_several_progress_points(
 def test_klora_balance_drops_outlier_layers():
     assert klora_balance([1.0, 1.0, 1.0, 100.0]) == pytest.approx(1.0)
     assert klora_balance([]) == 1.0
+
+
+def _layer_call(rows=4, n_txt=3, n_img=4, features=12):
+    """Two images, uncond chunk then cond chunk; subject 0 owns image token 0-1, subject 1 tokens 2-3."""
+    weights = torch.ones(rows, n_txt + n_img, 3)
+    weights[:, n_txt:, :2] = 0
+    weights[:, n_txt : n_txt + 2, 0] = 1
+    weights[:, n_txt + 2 :, 1] = 1
+    h0 = torch.randn(rows, n_txt + n_img, features, generator=torch.Generator().manual_seed(6))
+    return weights, h0
+
+
+def test_fuse_layer_decides_on_the_cond_rows_and_gives_the_uncond_rows_the_same_weights():
+    from freefuse.style import fuse_layer
+
+    weights, h0 = _layer_call()
+    cond_rows = torch.tensor([2, 3])
+    strength = torch.tensor([[3.0, 0.1, 1.0], [0.1, 0.1, 1.0]])  # per cond image: subject 0, subject 1, style
+
+    def deltas_at(rows, tokens):
+        base = torch.ones(len(rows), len(tokens), 3, h0.shape[-1])
+        base[..., ::2] = -1  # a delta that changes the softmax
+        return base * strength[:, None, :, None]
+
+    fused, u, decided = fuse_layer(weights, h0, deltas_at, layout="joint", n_txt=3, cond_rows=cond_rows, n_chunks=2)
+    assert u.tolist() == [[1.0, 0.0], [0.0, 0.0]] and decided.all()
+    torch.testing.assert_close(fused[:2], fused[2:])  # uncond rows = cond rows of the same image
+    assert fused[2, 3].tolist() == [1.0, 0.0, 0.0]  # image 0, subject 0's token: the subject alone
+    assert fused[2, 5].tolist() == [0.0, 0.0, 1.0]  # subject 1 lost: the style there
+    assert fused[3, 3].tolist() == [0.0, 0.0, 1.0]
+    assert fused[2, 0].tolist() == [1.0, 1.0, 0.0]  # image 0's text: the subjects (3.1) beat the style (1)
+    assert fused[3, 0].tolist() == [0.0, 0.0, 1.0]  # image 1's text: the style (1) beats the subjects (0.2)
+
+
+def test_fixed_weights_for_conv_layers_keep_their_layout():
+    from freefuse.style import fixed_weights
+
+    weights = torch.ones(2, 3, 2, 2)  # [rows, A, h, w]
+    weights[:, 0, 0] = 1
+    weights[:, 0, 1] = 0
+    weights[:, 1, 0] = 0
+    weights[:, 1, 1] = 1
+    fused = fixed_weights(weights, "conv", 0, torch.tensor([1.0, 0.0]), 1.0)
+    assert fused.shape == (2, 3, 2, 2)
+    assert fused[0, :, 0, 0].tolist() == [1.0, 0.0, 0.0] and fused[0, :, 1, 0].tolist() == [0.0, 0.0, 1.0]
