@@ -23,6 +23,7 @@ from freefuse.preview import PALETTE
 
 COLOUR_TOLERANCE = 80.0  # RGB distance within which a pixel is a palette colour (anti-aliased brush edges)
 INK_TOLERANCE = 48.0  # black, white and near-greys are paper, not ink
+MAX_DRAWING_SIDE = 1024  # drawings are classified at this resolution at most (masks go to a coarser grid anyway)
 _GRID_TEXT = re.compile(r"^(\d+)x(\d+):([A-Za-z0-9+/=]+)$")
 
 
@@ -76,7 +77,9 @@ def layout_from_drawing(image: np.ndarray, n_subjects: int) -> Layout:
     Transparent, black, white and grey pixels are paper. A colour that is no subject's (another palette colour,
     or none) is reported once and ignored.
     """
-    rgb, ink = _ink(image)  # [H, W, 3] float64, [H, W] bool
+    image = np.asarray(image)
+    step = -(-max(image.shape[:2]) // MAX_DRAWING_SIDE)  # a huge upload is classified at most 1024 px a side
+    rgb, ink = _ink(image[::step, ::step] if step > 1 else image)  # [H, W, 3] float64, [H, W] bool
     palette = np.asarray(PALETTE, dtype=np.float64)  # [P, 3]
     distance = np.linalg.norm(rgb[:, :, None, :] - palette[None, None], axis=-1)  # [H, W, P]
     nearest = distance.argmin(-1)  # [H, W]

@@ -48,8 +48,11 @@ GROUPS: tuple[tuple[str, str], ...] = (  # (key, heading) in the order the accor
     ("bias", "Attention bias"),
     ("tokens", "Token exclusion"),
     ("layout", "Layout"),
+    ("style", "Style LoRAs"),
 )
 LAYOUT_USES: tuple[str, ...] = ("masks", "hint")
+STYLE_SELECTORS: tuple[str, ...] = ("kl", "var", "l2", "cos", "klora", "sum")  # freefuse.style.SELECTORS
+STYLE_RAMPS: tuple[str, ...] = ("s*", "s")
 MASK_SOURCES: tuple[str, ...] = ("automatic", "image", "last")
 
 
@@ -247,6 +250,27 @@ class FreeFuseSettings:
     export_masks: bool = _knob(
         False, "Save one mask per subject", "Black/white, beside each saved image and in the API response.",
         group="layout",
+    )  # fmt: skip
+    # --- style
+    style_loras: str = _knob(
+        "", "Style LoRAs", "LoRA names, comma-separated: never subjects; fused with the subjects per layer and step.",
+        group="style",
+    )  # fmt: skip
+    style_selector: str = _knob(
+        "kl", "Style selector", "kl/var/l2/cos: the branch that moves the features more wins; klora; sum: both.",
+        group="style", choices=STYLE_SELECTORS,
+    )  # fmt: skip
+    style_floor: float = _knob(
+        0.0, "Style floor", "Share of the style kept where a subject wins.", group="style",
+        bounds=(0.0, 1.0), step=0.05, slider=True,
+    )  # fmt: skip
+    style_ramp: str = _knob(
+        "s*", "K-LoRA ramp", "klora only: s* (its default) or s (more style detail late).", group="style",
+        choices=STYLE_RAMPS,
+    )  # fmt: skip
+    style_tokens: int = _knob(
+        1024, "Tokens per region", "Tokens sampled per region and layer to compare the branches.", group="style",
+        bounds=(16, 65536), step=16,
     )  # fmt: skip
 
     # ------------------------------------------------------------------ construction

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 
-import gradio as gr
 from modules import script_callbacks, scripts
 
 from freefuse.forge import accordion, live_preview
@@ -71,7 +70,7 @@ class FreeFuseScript(scripts.Script):
                 )
         readers = {name: _from_infotext(name) for name in c if name not in ("enabled", *INPUTS)}
         readers.update(enabled=lambda d: INFOTEXT_KEY in d, locked_masks=_locked_masks, masks_from=_masks_from)
-        readers.update(layout=lambda d: gr.update(), layout_masks=lambda d: gr.update())
+        readers.update(layout=lambda d: None, layout_masks=lambda d: None)  # None: Forge leaves the input alone
         order = positional_names()  # the positional API's order: a contract
         self.infotext_fields = [(c[name], readers[name]) for name in order]
         self.paste_field_names = []
@@ -167,7 +166,7 @@ def _masks_from(params: dict):
 def _from_infotext(name: str):
     def read(params: dict):
         values = _pasted(params[INFOTEXT_KEY]) if params.get(INFOTEXT_KEY) else None
-        return gr.update() if values is None else values[name]
+        return None if values is None else values[name]  # None: Forge leaves the input as it is (UI and API)
 
     return read
 

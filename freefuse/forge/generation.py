@@ -108,6 +108,8 @@ class Generation:
         self.exported: list[tuple[int, int, str]] = []  # (place in p.extra_result_images, image index, LoRA)
         self._choice = LayoutChoice()  # this pass's layout
         self._final_images: dict[int, int] = {}  # id() of each final image Forge will save -> its index
+        self._final_ids: dict[int, int] = {}  # id() of every final image -> its index (its place in the response)
+        self.sampled = False  # a sampling pass of this batch reached process_before_every_sampling
 
     # ------------------------------------------------------------------ Forge callbacks
     def record_settings(self, p) -> None:
@@ -118,6 +120,7 @@ class Generation:
 
     def before_sampling(self, p) -> None:
         """process_before_every_sampling: plan this pass and install the session (or explain why not)."""
+        self.sampled = True
         unet = p.sd_model.forge_objects.unet
         if self.session is not None and self.session.live() and self.session.owns(unet):
             return  # the model FreeFuse already patched (hires calls once before Forge resets the model)
@@ -156,6 +159,10 @@ class Generation:
         global _last
         try:
             self._end_session(p)
+            if not self.sampled:
+                tell(p, "Forge's sampling was replaced (by a script such as img2img alternative test or SD upscale's "
+                     "own loop), so FreeFuse did not run")  # fmt: skip
+            self.sampled = False
             if self.first_pass is None:
                 return
             first = batch_number * p.batch_size
@@ -165,6 +172,10 @@ class Generation:
                 tell(p, "no masks were found for this batch; the subject LoRAs ran unmasked")
                 return
             loras = [s.lora for s in subjects]
+            cropped = _inpaint_region(p) is not None  # masks of the inpainted region, not of the saved image
+            if cropped and self.settings.export_masks:
+                tell(p, "inpaint area 'only masked': the masks cover the inpainted region only, so they are not "
+                     "exported or kept with the image (Masks from: image or last cannot reuse them)")  # fmt: skip
             sources = [f" ({source})" if source != AUTOMATIC else "" for source in self.first_pass.choice.sources]
             coverage = masks.coverage  # [B, C]
             for i in range(coverage.shape[0]):
@@ -173,13 +184,14 @@ class Generation:
                     for c, s in enumerate(subjects)
                 ]
                 self.summaries[first + i] = ", ".join(parts)
-                self.locked[first + i] = locked_from(masks.masks, i, loras, self.first_pass.family).to_text()
-            if batch_number == 0:
+                if not cropped:
+                    self.locked[first + i] = locked_from(masks.masks, i, loras, self.first_pass.family).to_text()
+            if batch_number == 0 and not cropped:
                 _last = locked_from(masks.masks, 0, loras, self.first_pass.family)
             if self.settings.show_masks or self.settings.save_mask_picture:
                 labels = [lora + source for lora, source in zip(loras, sources, strict=True)]
                 self._add_pictures(p, images, masks, labels, first)
-            if self.settings.export_masks:
+            if self.settings.export_masks and not cropped:
                 self._add_exports(p, images, masks, loras, first)
         finally:
             sessions.close_active()
@@ -191,14 +203,16 @@ class Generation:
         self._end_session(None)
         self.first_pass = None
         if processed is not None and self.exported:  # the API returns processed.images, then the extra images
+            shown = {self._final_ids.get(id(img)): place for place, img in enumerate(processed.images)}
             processed.extra_generation_params[EXPORTED_KEY] = [
-                {"index": len(processed.images) + place, "image": image, "subject": lora}
+                {"index": len(processed.images) + place, "image": shown.get(image, image), "subject": lora}
                 for place, image, lora in self.exported
             ]
         self.exported.clear()
         self.pictures.clear()
         self.exports.clear()
         self._final_images.clear()
+        self._final_ids.clear()
 
     # ------------------------------------------------------------------ helpers
     def _end_session(self, p) -> None:
@@ -297,9 +311,10 @@ class Generation:
 
     def _layout_choice(self, p, family: str, loras: list[str]) -> LayoutChoice:
         """The user's layout for these subjects (drawn, hinted, locked), cropped to an inpaint region."""
-        choice = choose_layout(
-            self.settings, self.inputs, loras, family, _last, allow_paths=not getattr(p, "is_api", False)
-        )
+        api = bool(getattr(p, "is_api", False))
+        choice = choose_layout(self.settings, self.inputs, loras, family, _last, allow_paths=not api)
+        if api and self.inputs.get("locked_masks") and self.settings.masks_from == "automatic":
+            tell(p, "locked_masks was given but masks_from is automatic, so it is not used (send masks_from: image)")
         for message in choice.messages:
             tell(p, message)
         box = _inpaint_region(p)
@@ -311,6 +326,7 @@ class Generation:
 
     def final_image(self, image, index: int) -> None:
         """postprocess_image_after_composite: the image Forge is about to save for job image ``index``."""
+        self._final_ids[id(image)] = index
         if index in self.pictures or index in self.exports:
             self._final_images[id(image)] = index
 
@@ -323,7 +339,7 @@ class Generation:
         if index in self.pictures:
             self.pictures.pop(index).save(f"{stem}-freefuse-masks.png")
         for lora, mask in self.exports.pop(index, []):
-            mask.save(f"{stem}-{_file_safe(lora)}.png")
+            mask.save(f"{stem}-freefuse-{_file_safe(lora)}.png")
 
     def _add_pictures(self, p, images: torch.Tensor, masks, labels: list[str], first: int) -> None:
         height, width = images.shape[-2:]
@@ -344,6 +360,9 @@ class Generation:
             per_subject = list(zip(loras, mask_images(masks.masks[i], (height, width)), strict=True))
             if _saves_images(p):
                 self.exports[first + i] = per_subject
+            elif not getattr(p, "is_api", False):
+                tell(p, "Save one mask per subject is on, but Forge does not save this generation's images, so no "
+                     "masks were saved")  # fmt: skip
             if getattr(p, "is_api", False):
                 for lora, mask in per_subject:
                     self.exported.append((len(p.extra_result_images), first + i, lora))

@@ -179,3 +179,13 @@ def test_the_finest_token_grid_of_each_family():
 
 def test_an_encoded_map_is_what_the_masks_entry_carries():
     assert _locked().to_text().endswith(encode_masks(_locked().masks).replace(":", "%3A").replace("=", "%3D"))
+
+
+def test_a_huge_drawing_is_classified_at_a_bounded_resolution():
+    from freefuse.layouts import layout_from_drawing
+
+    big = np.zeros((3000, 2000, 4), dtype=np.uint8)
+    big[:, :1000] = (*PALETTE[0], 255)
+    layout = layout_from_drawing(big, 2)
+    assert max(layout.masks.shape[-2:]) <= 1024 and layout.drawn == [True, False]
+    assert layout.masks[0, :, : layout.masks.shape[-1] // 2 - 1].all()

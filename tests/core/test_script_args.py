@@ -16,6 +16,7 @@ def test_the_positional_order_is_a_contract_values_for_follows_token_exclusion()
     assert names[cut:] == [
         "values_for", "save_mask_picture", "layout_use", "hint_strength", "masks_from", "export_masks",
         "layout", "layout_masks", "locked_masks",
+        "style_loras", "style_selector", "style_floor", "style_ramp", "style_tokens",
     ]  # fmt: skip
     not_settings = ("values_for", "layout", "layout_masks", "locked_masks")
     assert sorted(n for n in names if n not in not_settings) == sorted(setting_names())

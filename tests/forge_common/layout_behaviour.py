@@ -167,7 +167,7 @@ def test_exported_masks_are_saved_beside_the_image_and_named_for_api_clients(har
     job.batch(0, both)
     (saved,) = _save_like_forge(webui, job, p, tmp_path)
     job.finish()
-    a_file, b_file = (tmp_path / saved.replace(".png", f"-{lora}.png").split("/")[-1] for lora in "AB")
+    a_file, b_file = (tmp_path / saved.replace(".png", f"-freefuse-{lora}.png").split("/")[-1] for lora in "AB")
     a_mask = np.asarray(Image.open(a_file))
     assert a_mask.shape == (64, 64) and a_mask[:, :32].min() == 255 and a_mask[:, 48:].max() == 0  # 4 tokens
     assert np.array_equal(np.asarray(Image.open(b_file)), 255 - a_mask)
@@ -220,3 +220,20 @@ def test_the_hires_pass_takes_a_drawn_layout_to_its_own_grid_exactly(harness, we
     hires = [m for m in seen.masks if tuple(m.shape[-2:]) == (8, 8)]  # the hires pass's FLUX token grid
     assert hires and all(torch.equal(m[0], on_grid(torch.from_numpy(_mask_planes(drawing)), (8, 8))) for m in hires)
     assert seen.captures == 0 and not p.comments, p.comments
+
+
+def test_a_script_that_replaces_forges_sampling_leaves_freefuse_out_and_says_so(webui, model):
+    unet, both, loras = model
+    script = webui.module.FreeFuseScript()
+    script.ui(False)
+    p = script_behaviour.Processing(script_behaviour.PROMPT, both)
+    script.process(p, ON)
+    script.postprocess_batch(p, ON, images=torch.rand(1, 3, 64, 64), batch_number=0)  # no sampling pass seen
+    assert [c for c in p.comments if "Forge's sampling was replaced" in c]
+
+
+def test_an_api_client_sending_locked_masks_without_masks_from_image_is_told(harness, webui, model):
+    unet, both, loras = model
+    text = LockedMasks("flux", ["A", "B"], torch.ones(2, 4, 4)).to_text()
+    p = generate(harness, webui, both, [{**ON, "locked_masks": text}], api=True)
+    assert [c for c in p.comments if "locked_masks was given but masks_from is automatic" in c]

@@ -6,6 +6,7 @@ Runs against either harness's backend, with the webui side faked (tests/forge_co
 
 from __future__ import annotations
 
+import sys
 import types
 
 import torch
@@ -92,7 +93,7 @@ def test_the_preview_follows_the_prompt_the_subjects_box_and_the_tick(webui):
     assert script.show(False) is webui.module.scripts.AlwaysVisible
     ((elem_id, remember),) = script.on_after_component_elem_id
     assert elem_id == "txt2img_prompt"
-    prompt_box = webui.module.gr.Textbox(elem_id="txt2img_prompt")
+    prompt_box = sys.modules["gradio"].Textbox(elem_id="txt2img_prompt")  # the stand-in gradio
     remember(types.SimpleNamespace(component=prompt_box))
     components = script.ui(False)
     enabled, subjects = components[0], components[1]

@@ -181,7 +181,7 @@ def test_infotext_paste_back_restores_every_setting(webui):
     params = {"FreeFuse": chosen.to_infotext("flux")}
     restored = dict(zip(positional_names(), (reader(params) for _, reader in script.infotext_fields), strict=True))
     for drawing in ("layout", "layout_masks"):
-        assert restored.pop(drawing) == {"__type__": "update"}  # a drawing stays as it is
+        assert restored.pop(drawing) is None  # None: Forge leaves the drawing as it is
     assert restored.pop("locked_masks") == ""  # no masks in the pasted text: none stay locked
     expected = dict(zip(positional_names(), positional_args(chosen, "flux"), strict=True))
     assert restored == {k: v for k, v in expected.items() if k in restored}

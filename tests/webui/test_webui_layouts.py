@@ -162,7 +162,7 @@ def test_exported_masks_are_saved_beside_the_image_and_returned_by_subject(webui
     assert [(e["image"], e["subject"]) for e in listed] == [(0, "harry"), (0, "daiyu")]
     harry = result.images[listed[0]["index"]]
     assert np.array_equal(np.asarray(harry.convert("L")) > 127, planes[0].numpy() > 0.5)  # 48 of 64 columns
-    (image,) = [p for p in tmp_path.rglob("*.png") if not p.stem.endswith(("-harry", "-daiyu"))]
+    (image,) = [p for p in tmp_path.rglob("*.png") if "-freefuse-" not in p.name]
     for e in listed:
-        beside = image.with_name(f"{image.stem}-{e['subject']}.png")
+        beside = image.with_name(f"{image.stem}-freefuse-{e['subject']}.png")
         assert beside.is_file() and same(beside, result.images[e["index"]])
