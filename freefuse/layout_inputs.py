@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 from PIL import Image
 from torch import Tensor
 
@@ -220,6 +221,11 @@ def _as_uint8(array: np.ndarray) -> np.ndarray:
     if np.issubdtype(array.dtype, np.floating) and array.max(initial=0) <= 1.0:
         array = array * 255.0
     return np.clip(array, 0, 255).astype(np.uint8)
+
+
+def whole_image(n_subjects: int) -> Layout:
+    """Every subject everywhere: one subject fused with a style covers the whole image (no capture)."""
+    return Layout(masks=torch.ones(n_subjects, 1, 1), drawn=[True] * n_subjects)
 
 
 def locked_from(masks: Tensor, image: int, subjects: list[str], family: str) -> LockedMasks:

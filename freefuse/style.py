@@ -254,3 +254,24 @@ def fixed_weights(weights: Tensor, layout: str, n_txt: int, u: Tensor, u_text: f
     if conv:
         fused = fused.transpose(1, 2).reshape(fused.shape[0], -1, *grid)
     return fused
+
+
+def klora_layer(owner_weights: Sequence[Tensor], owner_ranks: Sequence[int]) -> dict:
+    """K-LoRA's numbers for one layer from each owner's dense delta weight (subjects, then the style last) and
+    rank: per subject S_c and S_s with K = r_c r_s and the L1 ratio, and the same for the subjects summed
+    (against the style, for text-side tokens)."""
+    *subjects, style_weight = owner_weights
+    r_s = max(1, owner_ranks[-1])
+    per_subject = []
+    for weight, rank in zip(subjects, owner_ranks[:-1], strict=False):
+        k = max(1, rank) * r_s
+        per_subject.append((klora_score(weight, k), klora_score(style_weight, k), _l1_ratio(weight, style_weight)))
+    summed = torch.stack([w.float() for w in subjects]).sum(0)
+    k = max(1, sum(owner_ranks[:-1])) * r_s
+    text = (klora_score(summed, k), klora_score(style_weight, k), _l1_ratio(summed, style_weight))
+    return {"subjects": per_subject, "text": text}
+
+
+def _l1_ratio(subject: Tensor, style_weight: Tensor) -> float:
+    denominator = float(style_weight.float().abs().sum())
+    return float(subject.float().abs().sum()) / denominator if denominator > 0 else math.inf

@@ -6,8 +6,8 @@ own name. The first phrase that occurs in the prompt makes the LoRA a subject; a
 (merged as usual). Once the Subjects box names any LoRA, a LoRA's own name no longer makes it a subject (a
 style LoRA called "watercolor" in "watercolor painting of ..." stays global); with three or more subjects of
 which some were found by name, a note says how to keep a LoRA global. A LoRA that Forge gave no
-weights for this model's denoiser is never a subject. Fewer than two subjects: FreeFuse does nothing, and
-says why.
+weights for this model's denoiser is never a subject, nor is a LoRA the user marked as a style. Fewer than
+two subjects (or one subject without a style): FreeFuse does nothing, and says why.
 """
 
 from __future__ import annotations
@@ -42,10 +42,17 @@ class SubjectPlan:
     subjects: list[Subject] = field(default_factory=list)
     global_loras: list[str] = field(default_factory=list)
     messages: list[str] = field(default_factory=list)
+    styles: list[LoraCandidate] = field(default_factory=list)  # LoRAs the user marked as a style
 
     @property
     def active(self) -> bool:
-        return len(self.subjects) >= 2
+        """Two subjects, or one subject and a style (fused over the whole image)."""
+        return len(self.subjects) >= 2 or (len(self.subjects) == 1 and bool(self.styles))
+
+
+def parse_style_names(text: str) -> list[str]:
+    """The LoRA names of the Style LoRAs box: comma- or line-separated, in order, once each."""
+    return list(dict.fromkeys(n.strip() for n in text.replace("\n", ",").split(",") if n.strip()))
 
 
 def parse_subject_lines(text: str) -> tuple[dict[str, str], list[str]]:
@@ -91,9 +98,11 @@ def resolve_subjects(
     subjects_text: str,
     locate: Callable[[str], PhraseMatch],
     unusable: dict[str, str] | None = None,
+    styles: Sequence[str] = (),
 ) -> SubjectPlan:
     """Decide the subjects. ``locate(phrase)`` finds a phrase in the tokenised prompt; ``unusable`` maps a
-    LoRA filename to why it cannot be a subject on this model (it then stays as Forge runs it)."""
+    LoRA filename to why it cannot be a subject on this model (it then stays as Forge runs it). ``styles``: LoRA
+    names the user marked as a style; they are never subjects."""
     unusable = unusable or {}
     plan = SubjectPlan()
     explicit, problems = parse_subject_lines(subjects_text)
@@ -102,6 +111,12 @@ def resolve_subjects(
     for name in explicit:
         if name not in names:
             plan.messages.append(f"Subjects box names {name!r}, but the prompt has no <lora:{name}:...>; ignored")
+    for name in styles:
+        if name not in names:
+            plan.messages.append(f"style LoRA {name!r} is not in the prompt (no <lora:{name}:...>); ignored")
+        elif name in explicit:
+            plan.messages.append(f"LoRA {name!r} is marked as a style and named in the Subjects box; it is a style")
+    candidates = _take_styles(candidates, styles, unusable, plan)
 
     seen: set[str] = set()
     for candidate in candidates:
@@ -156,8 +171,34 @@ def resolve_subjects(
         )
     if not plan.active:
         found = len(plan.subjects)
-        plan.messages.append(
-            f"needs at least two subject LoRAs whose trigger phrases are in the prompt; found {found}, "
-            "so FreeFuse does not run for this image"
-        )
+        if plan.styles:
+            plan.messages.append(
+                "style fusion needs a subject LoRA whose trigger phrase is in the prompt; found none, so FreeFuse "
+                "does not run for this image (the style LoRA runs as Forge runs it)"
+            )
+        else:
+            plan.messages.append(
+                f"needs at least two subject LoRAs whose trigger phrases are in the prompt (or one and a style "
+                f"LoRA); found {found}, so FreeFuse does not run for this image"
+            )
     return plan
+
+
+def _take_styles(candidates, styles: Sequence[str], unusable: dict[str, str], plan: SubjectPlan) -> list:
+    """Move the LoRAs marked as a style out of the candidates into ``plan.styles`` (once per file)."""
+    rest, seen = [], set()
+    for candidate in candidates:
+        if candidate.name not in styles:
+            rest.append(candidate)
+            continue
+        if candidate.filename in seen:
+            continue
+        seen.add(candidate.filename)
+        if candidate.filename in unusable:
+            plan.messages.append(
+                f"style LoRA {candidate.name!r} cannot be fused: {unusable[candidate.filename]}; it runs as Forge "
+                "runs it"
+            )
+            continue
+        plan.styles.append(candidate)
+    return rest

@@ -59,7 +59,7 @@ class FreeFuseScript(scripts.Script):
         built = accordion.build(self.elem_id, _ui_family())
         c = built.components
         if self.prompt_box is not None:
-            watched = [c["enabled"], self.prompt_box, c["subjects"]]
+            watched = [c["enabled"], self.prompt_box, c["subjects"], c["style_loras"]]
             for box in watched:
                 box.change(
                     live_preview.preview_markdown,

@@ -24,7 +24,7 @@ from freefuse.forge import session as sessions
 from freefuse.forge import subjects as forge_subjects
 from freefuse.forge.families import family_name
 from freefuse.forge.session import Plan, Session, SubjectSpec
-from freefuse.layout_inputs import AUTOMATIC, LayoutChoice, LockedMasks, choose_layout, locked_from
+from freefuse.layout_inputs import AUTOMATIC, LayoutChoice, LockedMasks, choose_layout, locked_from, whole_image
 from freefuse.masks import TRAITS
 from freefuse.partition import SubjectMasks
 from freefuse.preview import mask_images, mask_overlay, tensor_to_image
@@ -35,8 +35,9 @@ SUBJECTS_KEY = "FreeFuse subjects"
 NOTES_KEY = "FreeFuse notes"
 MASKS_KEY = "FreeFuse masks"  # per image: its masks, to lock them in a later generation
 EXPORTED_KEY = "FreeFuse mask images"  # API only: which extra image is which subject's exported mask
+STYLE_KEY = "FreeFuse style"  # per image: the style LoRAs, the selector and how often the style won
 NOTES_SEPARATOR = " | "
-_KEYS = (INFOTEXT_KEY, SUBJECTS_KEY, NOTES_KEY, MASKS_KEY, EXPORTED_KEY)
+_KEYS = (INFOTEXT_KEY, SUBJECTS_KEY, NOTES_KEY, MASKS_KEY, EXPORTED_KEY, STYLE_KEY)
 
 _last: LockedMasks | None = None  # the masks of the last generation's first image ("Masks from: last")
 
@@ -91,6 +92,7 @@ class FirstPass:
     subjects: list[SubjectSpec]
     choice: LayoutChoice  # the user's layout for this batch and each subject's source
     masks: SubjectMasks | None = None  # set when the first pass's session ends
+    style: list | None = None  # [style specs, per region the share of decisions the subject won]
 
 
 class Generation:
@@ -104,6 +106,7 @@ class Generation:
         self.first_pass: FirstPass | None = None  # this batch's first pass, when FreeFuse patched it
         self.pictures: dict[int, object] = {}  # image index in the job -> its mask picture (PIL), to be saved
         self.locked: dict[int, str] = {}  # image index in the job -> its "FreeFuse masks" infotext value
+        self.style_lines: dict[int, str] = {}  # image index in the job -> its "FreeFuse style" infotext value
         self.exports: dict[int, list] = {}  # image index in the job -> [(LoRA name, B/W mask PIL)], to be saved
         self.exported: list[tuple[int, int, str]] = []  # (place in p.extra_result_images, image index, LoRA)
         self._choice = LayoutChoice()  # this pass's layout
@@ -117,6 +120,7 @@ class Generation:
         p.extra_generation_params[INFOTEXT_KEY] = self._settings_infotext
         p.extra_generation_params[SUBJECTS_KEY] = self._subjects_infotext
         p.extra_generation_params[MASKS_KEY] = self._masks_infotext
+        p.extra_generation_params[STYLE_KEY] = self._style_infotext
 
     def before_sampling(self, p) -> None:
         """process_before_every_sampling: plan this pass and install the session (or explain why not)."""
@@ -188,6 +192,8 @@ class Generation:
                     self.locked[first + i] = locked_from(masks.masks, i, loras, self.first_pass.family).to_text()
             if batch_number == 0 and not cropped:
                 _last = locked_from(masks.masks, 0, loras, self.first_pass.family)
+            if self.first_pass.style is not None:
+                self._report_style(p, first, images.shape[0])
             if self.settings.show_masks or self.settings.save_mask_picture:
                 labels = [lora + source for lora, source in zip(loras, sources, strict=True)]
                 self._add_pictures(p, images, masks, labels, first)
@@ -223,6 +229,8 @@ class Generation:
         if session.masks is not None and self.first_pass is not None:
             self.first_pass.masks = session.masks
         session.close()
+        if session.style_report is not None and self.first_pass is not None:
+            self.first_pass.style = [session.plan.styles, session.style_report]
         if p is not None:
             for message in session.messages:
                 tell(p, message)
@@ -290,11 +298,14 @@ class Generation:
         if not found.active:
             return None
         subjects = [SubjectSpec(s.lora, s.filename, s.phrase, list(s.match.positions)) for s in found.plan.subjects]
+        styles = [SubjectSpec(c.name, c.filename, "", []) for c in found.plan.styles]
         if hires:
             self._choice = self.first_pass.choice
             masks = self.first_pass.masks
         else:
             self._choice = self._layout_choice(p, family, [s.lora for s in subjects])
+            if len(subjects) == 1 and self._choice.layout is None:  # one subject + style: its region is everything
+                self._choice.layout = whole_image(1)
             layout = self._choice.layout
             masks = None
             if layout is not None and layout.complete:  # every mask given: nothing to capture
@@ -307,6 +318,7 @@ class Generation:
             sigmas=_sigmas(p, hires),
             masks=masks,
             layout=self._choice.layout,
+            styles=styles,
         )
 
     def _layout_choice(self, p, family: str, loras: list[str]) -> LayoutChoice:
@@ -352,6 +364,30 @@ class Generation:
                 self.pictures[first + i] = picture  # until Forge saves image first + i
             if self.settings.show_masks:
                 p.extra_result_images.append(picture)
+
+    def _report_style(self, p, first: int, count: int) -> None:
+        """The "FreeFuse style" entry of this batch's images, and a note when a region's choice never varied."""
+        styles, shares = self.first_pass.style
+        subjects = self.first_pass.subjects
+        selector = self.settings.style_selector
+        parts = []
+        for subject, share in zip(subjects, shares, strict=True):
+            if share is None:
+                parts.append(f"{subject.lora} no decision")
+                continue
+            parts.append(f"{subject.lora} {100.0 * (1.0 - share):.0f}% style")
+            if selector != "sum" and share in (0.0, 1.0):
+                won = "the style" if share == 0.0 else "the subject"
+                tell(p, f"in {subject.lora}'s region the {selector} selector always chose {won}; to balance it, "
+                     "change the LoRA weights or try another style_selector")  # fmt: skip
+        line = f"{', '.join(s.lora for s in styles)} ({selector}): " + ", ".join(parts)
+        if selector == "sum":
+            line = f"{', '.join(s.lora for s in styles)} (sum): style and subjects added everywhere"
+        for i in range(count):
+            self.style_lines[first + i] = line
+
+    def _style_infotext(self, **where) -> str | None:
+        return self.style_lines.get(image_index(**where))
 
     def _add_exports(self, p, images: torch.Tensor, masks, loras: list[str], first: int) -> None:
         """One black/white mask per subject at the image's size: saved beside it, and in the API response."""

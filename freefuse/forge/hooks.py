@@ -47,7 +47,11 @@ def lora_hook(session, layer):
             weights = session.token_weights("conv", x, tuple(output.shape[-2:]))  # per output pixel
         else:
             weights = session.token_weights(layer.layout, x, session.level_grid)  # level grid: UNet only
-        return cache[key].add_to(output, x, weights)
+        delta, fusion = cache[key], session.fusion
+        if fusion is not None and session.call.mode == cw.MASKED and fusion.applies(layer):
+            ranks = delta.ranks(x)  # shared by the selection and the delta itself
+            return delta.add_to(output, x, fusion.weights(layer, delta, x, output, ranks, weights), ranks=ranks)
+        return delta.add_to(output, x, weights)
 
     return hook
 

@@ -25,6 +25,7 @@ from freefuse.forge.loras import (
     resolve_module,
     take_out,
 )
+from freefuse.forge.style_fusion import StyleFusion
 from freefuse.layouts import Layout
 from freefuse.masks import Capture, compute_masks, partition_maps, similarity_maps, x0_picture
 from freefuse.partition import SubjectMasks
@@ -56,6 +57,7 @@ class Plan:
     sigmas: torch.Tensor  # [steps + 1] the sampler's schedule
     masks: SubjectMasks | None = None  # given (hires pass, a complete layout): used, resized, no capture
     layout: Layout | None = None  # the user's drawing, hint or locked masks (freefuse.layout_inputs)
+    styles: list[SubjectSpec] = dataclasses.field(default_factory=list)  # LoRAs fused as one style branch
 
 
 @dataclass
@@ -114,6 +116,8 @@ class Session:
         self.in_main_eval = False  # inside the generation's own evaluation of this step
         self.phase1_done = plan.masks is not None or plan.settings.schedule != "restart"
         self.runtime: RuntimeLoras | None = None
+        self.fusion: StyleFusion | None = None  # subject + style selection, when a style LoRA is marked
+        self.style_report: list[float | None] | None = None  # per region: the share the subject won
         self.family = None  # FluxFamily / SdxlFamily, chosen at install
         self.level_grid: tuple[int, int] | None = None  # UNet: image grid of the transformer running now
         self.in_cross = False  # UNet: inside a cross-attention (attn2) call
@@ -187,6 +191,9 @@ class Session:
         self.in_main_eval = False
         self.pending_maps = None
         self.runtime = None
+        if self.fusion is not None:
+            self.style_report = self.fusion.report()
+            self.fusion = None
         self._cache.clear()
         if _ACTIVE is self:
             _ACTIVE = None
@@ -212,18 +219,22 @@ class Session:
     def _install_loras(self, clone) -> None:
         from backend.patcher.lora import merge_lora_to_weight
 
-        filenames = [s.filename for s in self.plan.subjects]
+        subjects = [s.filename for s in self.plan.subjects]
+        filenames = subjects + [s.filename for s in self.plan.styles]
         original_order = list(clone.lora_patches)
         taken = take_out(clone, filenames)
         missing = [s.lora for s in self.plan.subjects if s.filename not in taken]
         if missing:
             raise UnsupportedModel(f"LoRA {', '.join(missing)} has no weights for this model's denoiser")
         owners = {s.filename: i for i, s in enumerate(self.plan.subjects)}
+        owners.update({s.filename: len(subjects) for s in self.plan.styles})  # one style branch: the last owner
         self.runtime, keep = build_runtime_loras(
             clone.model, taken, owners, self.family.layout_of, merge_lora_to_weight
         )
         put_back_kept(clone, original_order, keep)
         dora = dora_merged_after_subjects(clone.lora_patches, original_order, filenames)
+        if self.plan.styles:
+            self.fusion = StyleFusion(self, self.runtime.layers)
         if dora:
             names = ", ".join(sorted({name.rsplit("/", 1)[-1] for name in dora}))
             self.messages.append(
@@ -334,6 +345,7 @@ class Session:
             return self._cache[key]
         n_subjects = len(self.plan.subjects)
         shape = dataclasses.replace(call.shape, n_img=grid[0] * grid[1])
+        styled = bool(self.plan.styles)  # one more column, the style branch: 1 wherever the subjects' is set
         masks = self.masks_at(grid).masks if call.mode == cw.MASKED else None
         if layout in ("image", "conv"):
             weights = cw.image_weights(shape, masks, n_subjects, call.mode)  # [rows, N, C]
@@ -349,6 +361,10 @@ class Session:
                 ],
                 dim=1,
             )
+        if styled:
+            column = 1 if layout == "conv" else -1
+            style_on = torch.full_like(weights.narrow(column, 0, 1), 0.0 if call.mode == cw.OFF else 1.0)
+            weights = torch.cat([weights, style_on], dim=column)
         weights = weights.to(device=like.device, dtype=like.dtype)
         self._cache[key] = weights
         return weights

@@ -10,7 +10,7 @@ import re
 from dataclasses import dataclass, field
 
 from freefuse.settings import FreeFuseSettings
-from freefuse.subjects import LoraCandidate, SubjectPlan, resolve_subjects
+from freefuse.subjects import LoraCandidate, SubjectPlan, parse_style_names, resolve_subjects
 from freefuse.tokens import clip_content_pieces, locate_phrase
 
 _LORA_TAG = re.compile(r"<lora:([^:>]+)[^>]*>", re.IGNORECASE)
@@ -190,4 +190,4 @@ def resolve(
     def locate(phrase):
         return locate_phrase(tokens.pieces, phrase, sequence_positions=tokens.positions)
 
-    return resolve_subjects(candidates, settings.subjects, locate, unusable)
+    return resolve_subjects(candidates, settings.subjects, locate, unusable, parse_style_names(settings.style_loras))

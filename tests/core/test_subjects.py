@@ -140,3 +140,40 @@ def test_a_lora_without_denoiser_weights_is_never_a_subject_and_says_why():
     assert plan.global_loras == ["daiyu"]
     text = " ".join(plan.messages)
     assert "LoRA 'daiyu' is not a subject: Forge gave it no weights" in text and "found 1" in text
+
+
+def _three():
+    return [
+        LoraCandidate("harry", "h.safetensors", trigger_phrase="harry_potter"),
+        LoraCandidate("cat", "c.safetensors"),  # its name is a word of the prompt
+        LoraCandidate("daiyu", "d.safetensors", trigger_phrase="daiyu_lin"),
+    ]
+
+
+def test_a_lora_marked_as_a_style_is_never_a_subject_whatever_its_name():
+    plan = resolve_subjects(_three(), "", locate, styles=["cat"])
+    assert [s.lora for s in plan.subjects] == ["harry", "daiyu"] and [c.name for c in plan.styles] == ["cat"]
+    assert plan.active and plan.messages == []
+
+
+def test_one_subject_and_a_style_is_enough():
+    plan = resolve_subjects(_three()[:2], "", locate, styles=["cat"])
+    assert plan.active and [s.lora for s in plan.subjects] == ["harry"]
+
+
+def test_style_marks_that_do_not_fit_get_one_message_each():
+    plan = resolve_subjects(_three(), "cat: a_cat", locate, styles=["cat", "nobody"])
+    assert plan.messages == [
+        "LoRA 'cat' is marked as a style and named in the Subjects box; it is a style",
+        "style LoRA 'nobody' is not in the prompt (no <lora:nobody:...>); ignored",
+    ]  # in the order the Style LoRAs box names them
+    only_style = resolve_subjects([LoraCandidate("cat", "c.safetensors")], "", locate, styles=["cat"])
+    assert not only_style.active and "style fusion needs a subject LoRA" in only_style.messages[-1]
+    unusable = resolve_subjects(_three(), "", locate, unusable={"c.safetensors": "no weights"}, styles=["cat"])
+    assert "style LoRA 'cat' cannot be fused: no weights" in unusable.messages[0] and not unusable.styles
+
+
+def test_parse_style_names():
+    from freefuse.subjects import parse_style_names
+
+    assert parse_style_names(" watercolor, ink\nwatercolor ,") == ["watercolor", "ink"]

@@ -52,9 +52,11 @@ class Runner:
     """Sample once with FreeFuse installed through ``before_sampling``, the way the script does it."""
 
     def __init__(
-        self, harness, settings, subjects, masks=None, keep_open=False, grid_of=None, bias_form=None, layout=None
-    ):
+        self, harness, settings, subjects, masks=None, keep_open=False, grid_of=None, bias_form=None, layout=None,
+        styles=(),
+    ):  # fmt: skip
         self.harness, self.settings, self.subjects, self.layout = harness, settings, subjects, layout
+        self.styles = [SubjectSpec(lora.name, lora.filename, "", []) for lora in styles]
         self.grid_of = grid_of or (lambda x: ((x.shape[-2] + 1) // 2, (x.shape[-1] + 1) // 2))  # FLUX tokens
         self.masks, self.keep_open, self.bias_form = masks, keep_open, bias_form
         self.session: Session | None = None
@@ -74,6 +76,7 @@ class Runner:
             sigmas=sigmas,
             masks=masks,
             layout=self.layout,
+            styles=self.styles,
         )
         self.session = Session(plan)
         if self.bias_form is not None:

@@ -11,6 +11,7 @@ import types
 
 import torch
 
+from freefuse.script_args import positional_names
 from tests.forge_common import script_behaviour
 from tests.forge_common.fake_webui import ClipEngine, T5Engine
 from tests.forge_common.script_behaviour import N_TXT, ON, PROMPT, generate, subjects_line
@@ -33,10 +34,10 @@ def _files(webui):
     webui.put_lora("watercolor", "watercolor.safetensors")
 
 
-def _preview(enabled, prompt, subjects=""):
+def _preview(enabled, prompt, subjects="", styles=""):
     from freefuse.forge.live_preview import preview_markdown
 
-    return preview_markdown(enabled, prompt, subjects)
+    return preview_markdown(enabled, prompt, subjects, styles)
 
 
 def test_the_preview_names_each_subject_its_phrase_and_where_the_phrase_came_from(harness, webui):
@@ -97,7 +98,8 @@ def test_the_preview_follows_the_prompt_the_subjects_box_and_the_tick(webui):
     remember(types.SimpleNamespace(component=prompt_box))
     components = script.ui(False)
     enabled, subjects = components[0], components[1]
-    for box in (prompt_box, subjects, enabled):
+    styles = components[positional_names().index("style_loras")]
+    for box in (prompt_box, subjects, enabled, styles):
         ((event, fn, inputs, outputs),) = box.events if box is not subjects else [subjects.events[0]]
-        assert event == "change" and inputs == [enabled, prompt_box, subjects]
+        assert event == "change" and inputs == [enabled, prompt_box, subjects, styles]
         assert fn.__name__ == "preview_markdown" and outputs[0].kwargs["elem_id"].endswith("preview")

@@ -1,0 +1,3 @@
+"""Subject + style fusion on the stand-in backend (see tests/forge_common/)."""
+
+from tests.forge_common.style_behaviour import *  # noqa: F403 - the shared behaviour tests
