@@ -14,7 +14,10 @@ Variants, interleaved round by round, median of the rounds after a warm-up round
   FreeFuse C x rR      C subject LoRAs of rank R as masked runtime deltas, no attention bias
   + bias dense         two rank-16 subjects with the attention bias as a dense mask
   + bias channels      the same bias as extra query/key channels (the default)
-Ratios are against "merged". Peak memory is the heap in use during the block above its start (measured, see
+  merged + style       the two subjects and a rank-16 style LoRA, all merged (plain Forge)
+  + style sum/kl/klora two rank-16 subjects and a rank-16 style LoRA fused by that selector (no bias)
+Ratios are against "merged", and for the style variants also against "FreeFuse 2 x r16" (the cost of fusing).
+Peak memory is the heap in use during the block above its start (measured, see
 benchmarks/memory.py).
 
     FORGE_DIR=/path/to/forge python3 benchmarks/bench_blocks.py [--family flux|sdxl|both] [--rounds 2]
@@ -108,17 +111,20 @@ def planted_masks(x, family: str, n_subjects: int) -> SubjectMasks:
     return SubjectMasks(masks=planes, background=torch.zeros(x.shape[0], h, w))
 
 
-def variant_runner(harness, family: str, loras: list, bias: str | None):
-    """before_sampling that installs FreeFuse with planted masks for ``loras`` (bias None, "dense", "channels")."""
+def variant_runner(harness, family: str, loras: list, bias: str | None, style=None, selector: str = "kl"):
+    """before_sampling that installs FreeFuse with planted masks for ``loras`` (bias None, "dense", "channels"),
+    and ``style`` fused by ``selector`` when given."""
 
     def before(unet, sigmas, x, cond, uncond):
         settings = FreeFuseSettings.defaults(family).replace(
-            enabled=True, capture_block=0, attention_bias=bias is not None
+            enabled=True, capture_block=0, attention_bias=bias is not None, style_selector=selector
         )
         subjects = [SubjectSpec(lora.name, lora.filename, lora.name, [1 + 2 * i]) for i, lora in enumerate(loras)]
+        styles = [SubjectSpec(style.name, style.filename, "", [])] if style is not None else []
         plan = Plan(
-            settings, subjects, None, FAMILIES[family]["n_txt"], sigmas, masks=planted_masks(x, family, len(loras))
-        )
+            settings, subjects, None, FAMILIES[family]["n_txt"], sigmas, masks=planted_masks(x, family, len(loras)),
+            styles=styles,
+        )  # fmt: skip
         session = Session(plan)
         if bias is not None:
             session.bias.form = bias
@@ -161,6 +167,12 @@ def run_family(harness, family: str, rounds: int) -> None:
     two = harness.add_loras(unet, [(lora, 1.0) for lora in subjects(2, 16)])
     for form in ("dense", "channels"):
         variants[f"FreeFuse 2 x r16 + bias {form}"] = (two, variant_runner(harness, family, subjects(2, 16), form))
+    style = harness.make_lora(unet, name="style", rank=16, seed=99)
+    styled = harness.add_loras(unet, [(lora, 1.0) for lora in [*subjects(2, 16), style]])
+    variants["merged + style"] = (styled, None)
+    for selector in ("sum", "kl", "klora"):
+        runner = variant_runner(harness, family, subjects(2, 16), None, style, selector)
+        variants[f"FreeFuse 2 x r16 + style {selector}"] = (styled, runner)
 
     results = {name: {block: [] for block in spec["blocks"]} for name in variants}
     peaks = {name: {block: 0 for block in spec["blocks"]} for name in variants}
@@ -189,11 +201,13 @@ def report(family, spec, results, peaks, rounds) -> None:
     )
     for block in spec["blocks"]:
         base = statistics.median(results["merged"][block])
+        freefuse = statistics.median(results["FreeFuse 2 x r16"][block])
         print(f"  {block}")
-        print(f"    {'variant':32s} {'seconds':>9s} {'vs merged':>10s} {'peak memory':>12s}")
+        print(f"    {'variant':32s} {'seconds':>9s} {'vs merged':>10s} {'vs FreeFuse':>12s} {'peak memory':>12s}")
         for name in results:
             seconds = statistics.median(results[name][block])
-            print(f"    {name:32s} {seconds:9.3f} {seconds / base:9.3f}x {mib(peaks[name][block]):>12s}")
+            versus = f"{seconds / freefuse:11.3f}x" if "style" in name and "FreeFuse" in name else " " * 12
+            print(f"    {name:32s} {seconds:9.3f} {seconds / base:9.3f}x {versus} {mib(peaks[name][block]):>12s}")
 
 
 if __name__ == "__main__":

@@ -192,10 +192,9 @@ class Generation:
                     self.locked[first + i] = locked_from(masks.masks, i, loras, self.first_pass.family).to_text()
             if batch_number == 0 and not cropped:
                 _last = locked_from(masks.masks, 0, loras, self.first_pass.family)
-            if self.first_pass.style is not None:
-                self._report_style(p, first, images.shape[0])
+            styled = self._report_style(p, first, images.shape[0]) if self.first_pass.style else [""] * len(loras)
             if self.settings.show_masks or self.settings.save_mask_picture:
-                labels = [lora + source for lora, source in zip(loras, sources, strict=True)]
+                labels = [lora + source + share for lora, source, share in zip(loras, sources, styled, strict=True)]
                 self._add_pictures(p, images, masks, labels, first)
             if self.settings.export_masks and not cropped:
                 self._add_exports(p, images, masks, loras, first)
@@ -365,17 +364,20 @@ class Generation:
             if self.settings.show_masks:
                 p.extra_result_images.append(picture)
 
-    def _report_style(self, p, first: int, count: int) -> None:
-        """The "FreeFuse style" entry of this batch's images, and a note when a region's choice never varied."""
+    def _report_style(self, p, first: int, count: int) -> list[str]:
+        """The "FreeFuse style" entry of this batch's images, and a note when a region's choice never varied;
+        returns each region's share for the mask picture's legend ("" where nothing was decided)."""
         styles, shares = self.first_pass.style
         subjects = self.first_pass.subjects
         selector = self.settings.style_selector
-        parts = []
+        parts, legend = [], []
         for subject, share in zip(subjects, shares, strict=True):
             if share is None:
                 parts.append(f"{subject.lora} no decision")
+                legend.append("")
                 continue
             parts.append(f"{subject.lora} {100.0 * (1.0 - share):.0f}% style")
+            legend.append(f", {100.0 * (1.0 - share):.0f}% style")
             if selector != "sum" and share in (0.0, 1.0):
                 won = "the style" if share == 0.0 else "the subject"
                 tell(p, f"in {subject.lora}'s region the {selector} selector always chose {won}; to balance it, "
@@ -385,6 +387,7 @@ class Generation:
             line = f"{', '.join(s.lora for s in styles)} (sum): style and subjects added everywhere"
         for i in range(count):
             self.style_lines[first + i] = line
+        return legend if selector != "sum" else [""] * len(subjects)
 
     def _style_infotext(self, **where) -> str | None:
         return self.style_lines.get(image_index(**where))

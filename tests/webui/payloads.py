@@ -21,6 +21,7 @@ FP16_LORA = "Automatic (fp16 LoRA)"  # LoRAs on flux_a_Q4_K need it (Forge canno
 FLUX_SUBJECT_LORAS = list(sizes.FLUX_SUBJECT_LORAS)  # harry, daiyu (fit flux_a)
 FLUX_STYLE_LORAS = list(sizes.FLUX_STYLE_LORAS)  # watercolor (fits flux_a)
 SDXL_SUBJECT_LORAS = list(sizes.SDXL_SUBJECT_LORAS)  # asuka, rei (fit sdxl_a)
+SDXL_STYLE_LORAS = list(sizes.SDXL_STYLE_LORAS)  # inkwash (fits sdxl_a)
 TEXT_ENCODER_LORAS = list(sizes.TEXT_ENCODER_LORAS)  # clip_l_te (CLIP-L only; fits every checkpoint)
 
 FLUX_SUBJECTS_PROMPT = "<lora:harry:1> <lora:daiyu:1> photo of harry and daiyu"

@@ -61,5 +61,6 @@ GGUF_MODULES = [FLUX_VAE_FILE, *FLUX_TEXT_ENCODER_FILES]  # forge_additional_mod
 FLUX_SUBJECT_LORAS = {"harry": 101, "daiyu": 102}
 FLUX_STYLE_LORAS = {"watercolor": 103}
 SDXL_SUBJECT_LORAS = {"asuka": 201, "rei": 202}
+SDXL_STYLE_LORAS = {"inkwash": 203}
 TEXT_ENCODER_LORAS = {"clip_l_te": 301}  # CLIP-L only (lora_te1_*): fits flux_a, flux_b, sdxl_a and sdxl_b
 LORA_RANK = 4

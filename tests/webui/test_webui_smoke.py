@@ -18,6 +18,7 @@ from tests.webui.payloads import (
     GGUF_CHECKPOINTS,
     GGUF_MODULES,
     SDXL_CHECKPOINTS,
+    SDXL_STYLE_LORAS,
     SDXL_SUBJECT_LORAS,
     SDXL_SUBJECTS_PROMPT,
     SDXL_TXT2IMG,
@@ -40,7 +41,7 @@ def _image(webui, payload):
 def test_the_tiny_models_and_loras_are_listed(webui):
     assert set(FLUX_CHECKPOINTS + SDXL_CHECKPOINTS + GGUF_CHECKPOINTS) <= set(webui.checkpoints())
     assert set(GGUF_MODULES) <= set(webui.modules())
-    loras = FLUX_SUBJECT_LORAS + FLUX_STYLE_LORAS + SDXL_SUBJECT_LORAS + TEXT_ENCODER_LORAS
+    loras = FLUX_SUBJECT_LORAS + FLUX_STYLE_LORAS + SDXL_SUBJECT_LORAS + SDXL_STYLE_LORAS + TEXT_ENCODER_LORAS
     assert set(loras) <= set(webui.loras())
     scripts = webui.scripts()["txt2img"]
     assert "freefuse" in scripts and "freefuse test failure" in scripts

@@ -111,6 +111,8 @@ def all_loras(forge) -> dict[str, dict[str, torch.Tensor]]:
         loras[name] = kohya_lora(flux, seed, scale=0.8)
     for name, seed in sizes.SDXL_SUBJECT_LORAS.items():
         loras[name] = kohya_lora(sdxl, seed, scale=1.0)
+    for name, seed in sizes.SDXL_STYLE_LORAS.items():
+        loras[name] = kohya_lora(sdxl, seed, scale=0.8)
     for name, seed in sizes.TEXT_ENCODER_LORAS.items():
         loras[name] = kohya_lora(te, seed, scale=1.0)
     return loras
