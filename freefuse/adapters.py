@@ -134,6 +134,12 @@ class MaskedDelta:
         self.rank_owner = torch.tensor(owners_per_rank, dtype=torch.long, device=device)  # [R_total]
         # (start, stop, r0, r1, U_block [stop - start, r1 - r0]): output rows start:stop from ranks r0:r1
         self.up_blocks = [(a, b, q0, q1, torch.cat(ups, dim=1).to(device, dtype)) for a, b, q0, q1, ups in blocks]
+        # owner -> [(up block, positions of its rank columns in that block)], for owner_delta without a host sync
+        self._owner_columns: dict[int, list[tuple[int, Tensor]]] = {}
+        for index, (_, _, q0, q1, _) in enumerate(self.up_blocks):
+            for owner in sorted(set(owners_per_rank[q0:q1])):
+                columns = [k for k in range(q1 - q0) if owners_per_rank[q0 + k] == owner]
+                self._owner_columns.setdefault(owner, []).append((index, torch.tensor(columns, device=device)))
 
         # Dense terms: one summed weight per (owner, slice).
         grouped: dict[tuple[int, int, int], Tensor] = {}
@@ -185,6 +191,7 @@ class MaskedDelta:
         other.up_blocks = [(a, b, r0, r1, u.to(device, dtype)) for a, b, r0, r1, u in self.up_blocks]
         other.rank_owner = self.rank_owner.to(device)
         other.dense = [(o, a, b, w.to(device, dtype)) for o, a, b, w in self.dense]
+        other._owner_columns = {o: [(i, c.to(device)) for i, c in cols] for o, cols in self._owner_columns.items()}
         other._reference_cache = None
         return other
 
@@ -220,19 +227,22 @@ class MaskedDelta:
         """The rank activations ``x @ D^T`` [..., L, R_total] that ``add_to`` and ``owner_deltas`` share."""
         return F.linear(x.to(self.dtype), self.down)
 
-    def owner_deltas(self, x: Tensor, ranks: Tensor) -> Tensor:
-        """Each owner's own delta at a few tokens: x [..., n, in] and its ``ranks`` [..., n, R_total] ->
-        [..., n, A, out_features] (A = n_owners), unweighted. Costs n x R x out per owner, no base matmul."""
-        xc = x.to(self.dtype)
-        out = torch.zeros(*x.shape[:-1], self._n_owners, self.out_features, device=xc.device, dtype=self.dtype)
-        if self.rank:
-            owners = torch.arange(self._n_owners, device=self.device)
-            split = ranks.to(self.dtype)[..., None, :] * (self.rank_owner[None, :] == owners[:, None])  # [.., A, R]
-            for start, stop, r0, r1, block in self.up_blocks:
-                out[..., start:stop] += F.linear(split[..., r0:r1], block)
-        for owner, start, stop, w in self.dense:
-            out[..., owner, start:stop] += F.linear(xc, w)
+    def owner_delta(self, x: Tensor, ranks: Tensor, owner: int) -> Tensor:
+        """One owner's own delta at a few tokens: x [..., n, in] and its ``ranks`` [..., n, R_total] ->
+        [..., n, out_features], unweighted. Costs n x r_owner x out, no base matmul, no host sync."""
+        out = torch.zeros(*ranks.shape[:-1], self.out_features, device=ranks.device, dtype=self.dtype)
+        for block_index, columns in self._owner_columns.get(owner, ()):
+            start, stop, r0, r1, block = self.up_blocks[block_index]
+            columns = columns.to(ranks.device)
+            out[..., start:stop] += F.linear(ranks[..., r0:r1].to(self.dtype)[..., columns], block[:, columns])
+        for o, start, stop, w in self.dense:
+            if o == owner:
+                out[..., start:stop] += F.linear(x.to(self.dtype), w)
         return out
+
+    def owner_deltas(self, x: Tensor, ranks: Tensor) -> Tensor:
+        """Every owner's own delta: [..., n, A, out_features] (A = n_owners)."""
+        return torch.stack([self.owner_delta(x, ranks, o) for o in range(self._n_owners)], dim=-2)
 
     def owner_weight(self, owner: int) -> Tensor:
         """One owner's whole delta weight [out_features, in_features], dense, float32 (K-LoRA's scores)."""

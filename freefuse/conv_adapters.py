@@ -73,12 +73,14 @@ class MaskedConvDelta:
         ups = [f.up.to(device=device, dtype=work).reshape(f.up.shape[0], -1) * f.scale for f in factors]
         self.up = torch.cat(ups, dim=1)[:, :, None, None].to(dtype)  # [out, R_total, 1, 1]
         owners = [torch.full((f.down.shape[0],), f.owner, dtype=torch.long) for f in factors]
-        self.rank_owner = torch.cat(owners).to(device)  # [R_total]
+        rank_owner = torch.cat(owners)  # [R_total], on the CPU here
+        self.rank_owner = rank_owner.to(device)
+        self._owner_columns = {int(o): (rank_owner == o).nonzero()[:, 0].to(device) for o in rank_owner.unique()}
         self._factors = list(factors)
 
     @property
     def n_owners(self) -> int:
-        return int(self.rank_owner.max()) + 1
+        return max(self._owner_columns) + 1
 
     def to(self, device=None, dtype=None) -> MaskedConvDelta:
         new = object.__new__(MaskedConvDelta)
@@ -86,6 +88,7 @@ class MaskedConvDelta:
         new.down = self.down.to(device=device, dtype=dtype)
         new.up = self.up.to(device=device, dtype=dtype)
         new.rank_owner = self.rank_owner.to(device)
+        new._owner_columns = {o: c.to(device) for o, c in self._owner_columns.items()}
         return new
 
     def ranks(self, x: Tensor) -> Tensor:
@@ -95,12 +98,15 @@ class MaskedConvDelta:
             x.to(self.down.dtype), self.down, stride=self.stride, padding=self.padding, dilation=self.dilation
         )
 
+    def owner_delta(self, x, ranks: Tensor, owner: int) -> Tensor:
+        """One owner's own delta at a few output pixels: ``ranks`` [..., n, R_total] (rank activations at those
+        pixels, channels last) -> [..., n, out], unweighted (``x`` is not needed: ``up`` is 1x1)."""
+        columns = self._owner_columns[owner].to(ranks.device)
+        return F.linear(ranks.to(self.up.dtype)[..., columns], self.up[:, columns, 0, 0])
+
     def owner_deltas(self, x, ranks: Tensor) -> Tensor:
-        """Each owner's own delta at a few output pixels: ``ranks`` [..., n, R_total] (rank activations at those
-        pixels, channels last) -> [..., n, A, out], unweighted (``x`` is not needed: ``up`` is 1x1)."""
-        owners = torch.arange(self.n_owners, device=self.rank_owner.device)
-        split = ranks.to(self.up.dtype)[..., None, :] * (self.rank_owner[None, :] == owners[:, None])  # [.., A, R]
-        return F.linear(split, self.up[:, :, 0, 0])
+        """Every owner's own delta: [..., n, A, out]."""
+        return torch.stack([self.owner_delta(x, ranks, o) for o in range(self.n_owners)], dim=-2)
 
     def owner_weight(self, owner: int) -> Tensor:
         """One owner's whole delta weight [out, in * kh * kw], dense, float32 (K-LoRA's scores)."""

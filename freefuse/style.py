@@ -5,7 +5,7 @@ weights and the time (K-LoRA, arXiv 2502.18461); the background always gets the 
 Everything here is a function of tensors; the Forge layer gathers them. Layouts:
 
 - ``h0`` ``[B, n, F]``: the layer's base output at n sampled tokens (cond rows only), F output features;
-- ``deltas`` ``[B, n, A, F]``: each owner's delta there (A = the subjects, then the style branch last);
+- ``delta_of(owner)`` ``[B, n, F]``: one owner's delta there (owners: the subjects, then the style branch last);
 - ``regions`` ``[B, n, C]``: each subject's mask at those tokens (C = A - 1);
 - token weights ``[rows, L, A]``: what the runtime LoRA path multiplies each owner's delta by, per token.
 
@@ -34,26 +34,36 @@ EMPTY_REGION = 1e-6  # a region with less mask than this at a layer's sampled to
 
 
 # ---------------------------------------------------------------------- divergences
-def divergence(h0: Tensor, delta: Tensor, metric: str = "kl") -> Tensor:
+def divergence(h0: Tensor, delta: Tensor, metric: str = "kl", base: Tensor | None = None) -> Tensor:
     """How far ``h0 + delta`` moves from ``h0``, per token: ``[..., F]`` -> ``[...]`` float32.
 
     kl: KL(softmax(h0) || softmax(h0 + delta)) over the features; var: its second-order value, half the
     variance of delta under softmax(h0); l2: the mean squared delta; cos: 1 - cos(h0, h0 + delta).
+    ``base``: ``base_of(h0, metric)``, when several deltas are measured against one h0.
     """
     h0, delta = h0.float(), delta.float()
+    if base is None:
+        base = base_of(h0, metric)
     if metric == "kl":
-        log_p = F.log_softmax(h0, dim=-1)
         log_q = F.log_softmax(h0 + delta, dim=-1)
-        return (log_p.exp() * (log_p - log_q)).sum(-1)
+        return (base.exp() * (base - log_q)).sum(-1)
     if metric == "var":
-        p = F.softmax(h0, dim=-1)
-        mean = (p * delta).sum(-1)
-        return 0.5 * ((p * delta * delta).sum(-1) - mean * mean)
+        mean = (base * delta).sum(-1)
+        return 0.5 * ((base * delta * delta).sum(-1) - mean * mean)
     if metric == "l2":
         return (delta * delta).mean(-1)
     if metric == "cos":
         return 1.0 - F.cosine_similarity(h0, h0 + delta, dim=-1, eps=1e-12)
     raise ValueError(f"unknown divergence {metric!r}; one of {', '.join(METRICS)}")
+
+
+def base_of(h0: Tensor, metric: str) -> Tensor | None:
+    """What a divergence needs of ``h0`` alone (kl: its log-softmax, var: its softmax), computed once."""
+    if metric == "kl":
+        return F.log_softmax(h0.float(), dim=-1)
+    if metric == "var":
+        return F.softmax(h0.float(), dim=-1)
+    return None
 
 
 def sampled_tokens(n_tokens: int, max_tokens: int, device=None) -> Tensor:
@@ -82,7 +92,7 @@ def choose(subject: Tensor, style: Tensor, bias: float | Tensor = 1.0, kappa: fl
 
 def select(
     h0: Tensor,
-    deltas: Tensor,
+    delta_of,
     regions: Tensor,
     metric: str = "kl",
     bias: float | Tensor = 1.0,
@@ -90,25 +100,32 @@ def select(
 ) -> tuple[Tensor, Tensor]:
     """Feature-level selection in each region: ``u`` ``[B, C]`` and which regions decided ``[B, C]``.
 
-    Subject i is compared with the style branch on region i's tokens (``deltas[..., i, :]`` against
-    ``deltas[..., -1, :]``). A region without mask at these tokens does not decide (u = 0 there: it follows
-    the background, which has the style)."""
-    n_subjects = deltas.shape[-2] - 1
-    style = divergence(h0, deltas[..., -1, :], metric)  # [B, n]
+    ``delta_of(owner)`` gives one owner's delta ``[B, n, F]`` at the sampled tokens (owners 0..C-1 the subjects,
+    C the style); one at a time, so at most two ``[B, n, F]`` tensors live at once. Subject i is compared with
+    the style on region i's tokens. A region without mask at these tokens does not decide (u = 0 there: it
+    follows the background, which has the style)."""
+    n_subjects = regions.shape[-1]
+    base = base_of(h0, metric)
+    style = divergence(h0, delta_of(n_subjects), metric, base)  # [B, n]
     u, present = [], []
     for i in range(n_subjects):
-        s_subject, has = region_scores(divergence(h0, deltas[..., i, :], metric), regions[..., i : i + 1])
-        s_style, _ = region_scores(style, regions[..., i : i + 1])
+        region = regions[..., i : i + 1]
+        s_subject, has = region_scores(divergence(h0, delta_of(i), metric, base), region)
+        s_style, _ = region_scores(style, region)
         u.append(torch.where(has, choose(s_subject, s_style, bias, kappa), torch.zeros_like(s_subject)))
         present.append(has)
     return torch.cat(u, dim=1), torch.cat(present, dim=1)
 
 
-def select_text(h0: Tensor, deltas: Tensor, metric: str = "kl", bias: float | Tensor = 1.0, kappa=math.inf) -> Tensor:
+def select_text(h0: Tensor, delta_of, n_subjects: int, metric: str = "kl", bias=1.0, kappa=math.inf) -> Tensor:
     """Text-side layers: one decision per sample over all tokens, the subjects' summed delta against the
     style's: ``[B]``."""
-    subjects = divergence(h0, deltas[..., :-1, :].sum(-2), metric).mean(-1)  # [B]
-    style = divergence(h0, deltas[..., -1, :], metric).mean(-1)
+    base = base_of(h0, metric)
+    summed = delta_of(0).float()
+    for i in range(1, n_subjects):
+        summed = summed + delta_of(i).float()
+    subjects = divergence(h0, summed, metric, base).mean(-1)  # [B]
+    style = divergence(h0, delta_of(n_subjects), metric, base).mean(-1)
     return choose(subjects, style, bias, kappa)
 
 
@@ -199,9 +216,10 @@ def fuse_layer(
     """Feature-level selection for one layer call: the token weights with each region's branch chosen.
 
     ``weights`` ``[rows, L, A]`` (``[rows, A]`` for "global", ``[rows, A, h, w]`` for "conv"; style column last),
-    ``h0`` the base output ``[rows, L, F]`` (``[rows, F]``; ``[rows, F, h, w]``), ``deltas_at(rows, tokens)`` each
-    owner's delta ``[len(rows), len(tokens), A, F]``. Decisions are made on ``cond_rows`` (one per image) at a
-    strided subset of at most ``max_tokens`` tokens per part and copied to the other ``n_chunks - 1`` chunks.
+    ``h0`` the base output ``[rows, L, F]`` (``[rows, F]``; ``[rows, F, h, w]``), ``deltas_at(rows, tokens)`` a
+    function of an owner giving its delta ``[len(rows), len(tokens), F]`` there. Decisions are made on
+    ``cond_rows`` (one per image) at a strided subset of at most ``max_tokens`` tokens per part and copied to the
+    other ``n_chunks - 1`` chunks.
     Returns (weights, u ``[B, C]`` of the image regions, which regions decided ``[B, C]``).
     """
     conv = layout == "conv"
@@ -223,7 +241,7 @@ def fuse_layer(
         fused[:, image] = fused_image_weights(weights[:, image], share_with_uncond(u, range(n_chunks)), floor)
     if text.stop > text.start:
         tokens = text.start + sampled_tokens(text.stop - text.start, max_tokens, weights.device)
-        u_text = select_text(h0[cond_rows][:, tokens], deltas_at(cond_rows, tokens), metric, bias, kappa)
+        u_text = select_text(h0[cond_rows][:, tokens], deltas_at(cond_rows, tokens), n_subjects, metric, bias, kappa)
         fused[:, text] = fused_text_weights(weights[:, text], share_with_uncond(u_text, range(n_chunks)), floor)
     if flat:
         fused = fused[:, 0]

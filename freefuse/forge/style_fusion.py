@@ -96,19 +96,22 @@ def _owns(delta, owner: int) -> bool:
 
 
 def _deltas_at(layout: str, delta, x, ranks):
-    """deltas_at(rows, tokens) -> each owner's delta [len(rows), n, A, F] at those rows and tokens."""
+    """deltas_at(rows, tokens) -> delta_of(owner): that owner's delta [len(rows), n, F] at those rows and
+    tokens (the rows and tokens are gathered once, each owner's delta made when asked for)."""
     if layout == "conv":
         by_pixel = ranks.flatten(2).transpose(1, 2)  # [rows, h*w, R]
 
         def at(rows, tokens):
-            return delta.owner_deltas(None, by_pixel[rows][:, tokens])
+            picked = by_pixel[rows][:, tokens]
+            return lambda owner: delta.owner_delta(None, picked, owner)
 
         return at
     if x.ndim == 2:  # "global": one vector per row is one token
         x, ranks = x[:, None], ranks[:, None]
 
     def at(rows, tokens):
-        return delta.owner_deltas(x[rows][:, tokens], ranks[rows][:, tokens])
+        x_picked, ranks_picked = x[rows][:, tokens], ranks[rows][:, tokens]
+        return lambda owner: delta.owner_delta(x_picked, ranks_picked, owner)
 
     return at
 

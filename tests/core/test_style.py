@@ -23,6 +23,11 @@ from freefuse.style import (
 )
 
 
+def _of(deltas):
+    """delta_of(owner) over stacked deltas [B, n, A, F]."""
+    return lambda owner: deltas[..., owner, :]
+
+
 def _base(n=16, features=640, seed=0):
     return torch.randn(1, n, features, generator=torch.Generator().manual_seed(seed))
 
@@ -51,10 +56,10 @@ def test_the_larger_divergence_wins_in_each_region_and_ties_go_to_the_subject():
     regions[0, :4, 0] = 1  # subject 0 owns tokens 0-3, subject 1 tokens 4-7
     regions[0, 4:, 1] = 1
     deltas = torch.stack([large, small, small], dim=-2)  # [1, 8, A=3, F]: subject 0 large, subject 1 = style
-    u, present = select(h0, deltas, regions, "kl")
+    u, present = select(h0, _of(deltas), regions, "kl")
     assert u.tolist() == [[1.0, 1.0]] and present.all()  # 0: larger wins; 1: a tie goes to the subject
     deltas = torch.stack([small, small, large], dim=-2)  # the style moves the features more
-    assert select(h0, deltas, regions, "kl")[0].tolist() == [[0.0, 0.0]]
+    assert select(h0, _of(deltas), regions, "kl")[0].tolist() == [[0.0, 0.0]]
 
 
 def test_a_zero_style_delta_never_wins_and_a_zero_subject_delta_never_wins():
@@ -63,8 +68,8 @@ def test_a_zero_style_delta_never_wins_and_a_zero_subject_delta_never_wins():
     zero = torch.zeros_like(d)
     regions = torch.ones(1, 8, 1)
     for metric in ("kl", "var", "l2", "cos"):
-        assert select(h0, torch.stack([d, zero], -2), regions, metric)[0].item() == 1.0, metric
-        assert select(h0, torch.stack([zero, d], -2), regions, metric)[0].item() == 0.0, metric
+        assert select(h0, _of(torch.stack([d, zero], -2)), regions, metric)[0].item() == 1.0, metric
+        assert select(h0, _of(torch.stack([zero, d], -2)), regions, metric)[0].item() == 0.0, metric
 
 
 def test_only_a_regions_own_tokens_count_and_an_empty_region_does_not_decide():
@@ -73,7 +78,7 @@ def test_only_a_regions_own_tokens_count_and_an_empty_region_does_not_decide():
     scores, present = region_scores(per_token, regions)
     assert scores[0, 0] == 1.0 and present.tolist() == [[True, False]]
     h0 = _base(n=4, features=8)
-    u, decided = select(h0, torch.randn(1, 4, 3, 8), regions, "l2")
+    u, decided = select(h0, _of(torch.randn(1, 4, 3, 8)), regions, "l2")
     assert decided.tolist() == [[True, False]] and u[0, 1] == 0.0  # no decision: the background's style
 
 
@@ -97,8 +102,8 @@ def test_selection_becomes_token_weights_subject_where_it_won_style_everywhere_e
 def test_the_text_side_compares_the_subjects_summed_with_the_style():
     h0 = _base(n=6, features=16)
     d = 0.1 * torch.randn(h0.shape, generator=torch.Generator().manual_seed(4))
-    assert select_text(h0, torch.stack([d, d, d], -2)).item() == 1.0  # two subjects summed move further
-    assert select_text(h0, torch.stack([d, -d, d], -2)).item() == 0.0  # they cancel: the style wins
+    assert select_text(h0, _of(torch.stack([d, d, d], -2)), 2).item() == 1.0  # two subjects summed move further
+    assert select_text(h0, _of(torch.stack([d, -d, d], -2)), 2).item() == 0.0  # they cancel: the style wins
 
 
 def test_the_cond_decision_is_copied_to_the_uncond_rows_of_the_same_image():
@@ -167,7 +172,7 @@ def test_fuse_layer_decides_on_the_cond_rows_and_gives_the_uncond_rows_the_same_
     def deltas_at(rows, tokens):
         base = torch.ones(len(rows), len(tokens), 3, h0.shape[-1])
         base[..., ::2] = -1  # a delta that changes the softmax
-        return base * strength[:, None, :, None]
+        return _of(base * strength[:, None, :, None])
 
     fused, u, decided = fuse_layer(weights, h0, deltas_at, layout="joint", n_txt=3, cond_rows=cond_rows, n_chunks=2)
     assert u.tolist() == [[1.0, 0.0], [0.0, 0.0]] and decided.all()
