@@ -59,11 +59,16 @@ class ParsedArgs:
 
 
 VALUES_FOR = "values_for"
-INPUTS = ("layout", "layout_masks", "locked_masks")  # positional values that are no settings: a drawing, mask
-# images (one per subject), the masks of a pasted image; their UI values when nothing is given:
-INPUT_DEFAULTS = {"layout": None, "layout_masks": None, "locked_masks": ""}
+INPUTS = ("layout", "layout_masks", "locked_masks", "style_reference", "subject_references")  # positional values
+# that are no settings: a drawing, mask images (one per subject), the masks of a pasted image, refinement's
+# reference images (freefuse.refine_inputs); their UI values when nothing is given:
+INPUT_DEFAULTS = {
+    "layout": None, "layout_masks": None, "locked_masks": "", "style_reference": None, "subject_references": None,
+}  # fmt: skip
+_LATER_INPUTS = ("style_reference", "subject_references")  # inputs added after later settings: at the very end
 _LAST_OF_01 = "token_exclusion"  # the last setting of version 0.1
-_AFTER_01 = ("values_for", "save_mask_picture", "layout_use", "hint_strength", "masks_from", "export_masks", *INPUTS)
+_AFTER_01 = ("values_for", "save_mask_picture", "layout_use", "hint_strength", "masks_from", "export_masks",
+             "layout", "layout_masks", "locked_masks")  # fmt: skip
 
 
 def positional_names() -> list[str]:
@@ -71,7 +76,8 @@ def positional_names() -> list[str]:
     came (settings added later still go at the end)."""
     names = setting_names()
     first = names[: names.index(_LAST_OF_01) + 1]
-    return [*first, *_AFTER_01, *(n for n in names if n not in first and n not in _AFTER_01)]
+    later = [n for n in names if n not in first and n not in _AFTER_01]
+    return [*first, *_AFTER_01, *later, *_LATER_INPUTS]
 
 
 def positional_args(settings: FreeFuseSettings, values_for: str, **inputs: Any) -> list[Any]:

@@ -49,6 +49,7 @@ GROUPS: tuple[tuple[str, str], ...] = (  # (key, heading) in the order the accor
     ("tokens", "Token exclusion"),
     ("layout", "Layout"),
     ("style", "Style LoRAs"),
+    ("refine", "Latent refinement"),
 )
 LAYOUT_USES: tuple[str, ...] = ("masks", "hint")
 STYLE_SELECTORS: tuple[str, ...] = ("kl", "var", "l2", "cos", "klora", "sum")  # freefuse.style.SELECTORS
@@ -272,6 +273,39 @@ class FreeFuseSettings:
         1024, "Tokens per region", "Tokens sampled per region and layer to compare the branches.", group="style",
         bounds=(16, 65536), step=16,
     )  # fmt: skip
+    # --- latent refinement (freefuse.refine)
+    refine: bool = _knob(
+        False, "Latent refinement", "Pull each step toward the reference images (CLIP/DINO from models/); slow.",
+        group="refine",
+    )  # fmt: skip
+    refine_strength: float = _knob(
+        0.03, "Refinement strength", "Size of each correction, relative to the latent's own size.", group="refine",
+        bounds=(0.0, 0.5), step=0.005, slider=True,
+    )  # fmt: skip
+    refine_start: float = _knob(
+        0.25, "Refine from", "Fraction of the steps where refinement starts.", group="refine",
+        bounds=(0.0, 1.0), step=0.05, slider=True,
+    )  # fmt: skip
+    refine_end: float = _knob(
+        0.75, "Refine until", "Fraction of the steps where refinement ends (not before Refine from).",
+        group="refine", bounds=(0.0, 1.0), step=0.05, slider=True,
+    )  # fmt: skip
+    refine_style_weight: float = _knob(
+        1.0, "Style reference weight", "Weight of the style score (CLIP, whole image).", group="refine",
+        bounds=(0.0, 10.0), step=0.1,
+    )  # fmt: skip
+    refine_subject_weight: float = _knob(
+        1.0, "Subject reference weight", "Weight of each subject's score (DINO, else CLIP, on its mask's box).",
+        group="refine", bounds=(0.0, 10.0), step=0.1,
+    )  # fmt: skip
+    refine_clip: str = _knob(
+        "", "CLIP vision model", "A file or folder in models/clip_vision; empty: the first one there.",
+        group="refine",
+    )  # fmt: skip
+    refine_dino: str = _knob(
+        "", "DINO model", "A DINOv2 folder in models/ (Hugging Face format); empty: the first found, else CLIP.",
+        group="refine",
+    )  # fmt: skip
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -341,6 +375,8 @@ class FreeFuseSettings:
                 out.append(f"{f.name} must be from {_number(bounds[0])} to {_number(bounds[1])}; got {_number(value)}")
             elif choices is not None and f.name != "bias_blocks" and value not in choices:
                 out.append(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
+        if self.refine_start > self.refine_end:
+            out.append(f"refine_start ({self.refine_start:g}) must not be after refine_end ({self.refine_end:g})")
         block_problem = block_spec_problem(self.bias_blocks)
         if block_problem is not None:
             out.append(f"bias_blocks {self.bias_blocks!r} is not usable: {block_problem}")

@@ -70,7 +70,8 @@ class FreeFuseScript(scripts.Script):
                 )
         readers = {name: _from_infotext(name) for name in c if name not in ("enabled", *INPUTS)}
         readers.update(enabled=lambda d: INFOTEXT_KEY in d, locked_masks=_locked_masks, masks_from=_masks_from)
-        readers.update(layout=lambda d: None, layout_masks=lambda d: None)  # None: Forge leaves the input alone
+        for name in ("layout", "layout_masks", "style_reference", "subject_references"):
+            readers[name] = _untouched  # images are not in the infotext: a paste leaves them as they are
         order = positional_names()  # the positional API's order: a contract
         self.infotext_fields = [(c[name], readers[name]) for name in order]
         self.paste_field_names = []
@@ -148,6 +149,10 @@ def _save_mask_picture(params) -> None:
     generation = getattr(params.p, "freefuse", None)
     if generation is not None:
         generation.image_saved(params.image, params.filename)
+
+
+def _untouched(params: dict):
+    return None  # None: Forge leaves the input as it is
 
 
 def _locked_masks(params: dict):

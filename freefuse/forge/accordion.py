@@ -24,6 +24,11 @@ LAYOUT_HELP = (
     "a colour-coded image. An undrawn subject keeps its automatic mask. **Masks from: image** reuses the masks of "
     "a pasted image (PNG Info or the paste button fill it in); **last** those of the last generation."
 )
+REFINE_HELP = (
+    "Optional and slow: after each step in the window, the image is pulled toward the style reference (CLIP) and "
+    "each subject's region toward its references (DINOv2, else CLIP). Needs a CLIP vision model in "
+    "`models/clip_vision`; a DINOv2 folder in `models/` is used for subjects when present. Nothing is downloaded."
+)
 SUBJECTS_PLACEHOLDER = "harry: harry_potter\ndaiyu: daiyu_lin"
 METHOD_GROUPS = {"official": "official", "paper": "paper"}  # group shown only for that mask method
 PER_ROW = 3
@@ -78,6 +83,8 @@ def build(elem_id, family: str) -> Accordion:
                         with gr.Row():
                             for name in members[start : start + PER_ROW]:
                                 c[name] = component(name, defaults, elem_id)
+                    if key == "refine":
+                        _references(c, elem_id)
                 ui.groups[key] = column
     c["mask_method"].change(
         method_groups, inputs=[c["mask_method"]], outputs=[ui.groups[key] for key in METHOD_GROUPS], queue=False
@@ -118,6 +125,21 @@ def _layout(c: dict, defaults: FreeFuseSettings, elem_id, members: list[str]) ->
         max_lines=1,
         elem_id=elem_id("locked_masks"),
     )
+
+
+def _references(c: dict, elem_id) -> None:
+    """Latent refinement's reference images: the style's, and each subject's (named after its LoRA)."""
+    gr.Markdown(REFINE_HELP)
+    with gr.Row():
+        c["style_reference"] = gr.Image(
+            label="Style reference", type="numpy", sources=("upload", "clipboard"), elem_id=elem_id("style_reference")
+        )
+        c["subject_references"] = gr.File(
+            label="Subject references: name each file after its LoRA (harry.png, harry-2.jpg)",
+            file_count="multiple",
+            file_types=["image"],
+            elem_id=elem_id("subject_references"),
+        )
 
 
 def component(name: str, defaults: FreeFuseSettings, elem_id, **extra):

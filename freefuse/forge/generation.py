@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from freefuse.forge import refinement as forge_refinement
 from freefuse.forge import session as sessions
 from freefuse.forge import subjects as forge_subjects
 from freefuse.forge.families import family_name
@@ -28,6 +29,7 @@ from freefuse.layout_inputs import AUTOMATIC, LayoutChoice, LockedMasks, choose_
 from freefuse.masks import TRAITS
 from freefuse.partition import SubjectMasks
 from freefuse.preview import mask_images, mask_overlay, tensor_to_image
+from freefuse.refine_inputs import read_references
 from freefuse.settings import INFOTEXT_KEY, FreeFuseSettings, in_user_words
 
 log = logging.getLogger("freefuse")
@@ -309,6 +311,9 @@ class Generation:
             masks = None
             if layout is not None and layout.complete:  # every mask given: nothing to capture
                 masks = layout.given(TRAITS[family].token_grid(p.height, p.width), p.batch_size)
+        refinement = None
+        if self.settings.refine and not hires:
+            refinement = self._refinement(p, [s.lora for s in subjects])
         return Plan(
             settings=self.settings,
             subjects=subjects,
@@ -318,7 +323,21 @@ class Generation:
             masks=masks,
             layout=self._choice.layout,
             styles=styles,
+            refinement=refinement,
         )
+
+    def _refinement(self, p, loras: list[str]):
+        """Latent refinement for this pass, or None (and why) when it cannot run."""
+        api = bool(getattr(p, "is_api", False))
+        refs = read_references(
+            self.inputs.get("style_reference"), self.inputs.get("subject_references"), loras, allow_paths=not api
+        )
+        refinement, messages = forge_refinement.prepare(
+            self.settings, refs, loras, getattr(p.sd_model.forge_objects, "vae", None)
+        )
+        for message in messages:
+            tell(p, message)
+        return refinement
 
     def _layout_choice(self, p, family: str, loras: list[str]) -> LayoutChoice:
         """The user's layout for these subjects (drawn, hinted, locked), cropped to an inpaint region."""

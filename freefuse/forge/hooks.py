@@ -95,6 +95,17 @@ def phase1_runner(session):
     return pre_cfg
 
 
+def refine_step(session):
+    """Post-CFG function (before main_eval_end): latent refinement of the generation's own evaluation."""
+
+    def post_cfg(args):
+        if session.live() and session.in_main_eval and session.refinement is not None:
+            return session.refine_x0(args["denoised"], args["sigma"])
+        return args["denoised"]
+
+    return post_cfg
+
+
 def main_eval_end(session):
     """Post-CFG function: the paper method's superpixel voting on the capture step's x0, then end the mark."""
 

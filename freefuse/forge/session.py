@@ -58,6 +58,7 @@ class Plan:
     masks: SubjectMasks | None = None  # given (hires pass, a complete layout): used, resized, no capture
     layout: Layout | None = None  # the user's drawing, hint or locked masks (freefuse.layout_inputs)
     styles: list[SubjectSpec] = dataclasses.field(default_factory=list)  # LoRAs fused as one style branch
+    refinement: object | None = None  # freefuse.forge.refinement.Refinement: latent refinement, when it can run
 
 
 @dataclass
@@ -118,6 +119,7 @@ class Session:
         self.runtime: RuntimeLoras | None = None
         self.fusion: StyleFusion | None = None  # subject + style selection, when a style LoRA is marked
         self.style_report: list[float | None] | None = None  # per region: the share the subject won
+        self.refinement = plan.refinement  # corrects each step's x0 in its window (post-CFG)
         self.family = None  # FluxFamily / SdxlFamily, chosen at install
         self.level_grid: tuple[int, int] | None = None  # UNet: image grid of the transformer running now
         self.in_cross = False  # UNet: inside a cross-attention (attn2) call
@@ -194,6 +196,10 @@ class Session:
         if self.fusion is not None:
             self.style_report = self.fusion.report()
             self.fusion = None
+        if self.refinement is not None:
+            self.refinement.close()
+            self.messages.append(self.refinement.report(self.plan.sigmas.numel() - 1))
+            self.refinement = None
         self._cache.clear()
         if _ACTIVE is self:
             _ACTIVE = None
@@ -284,6 +290,8 @@ class Session:
             *options.get("sampler_pre_cfg_function", []),
         ]
         clone.add_sampler_pre_cfg_function(hooks.phase1_runner(self))
+        if self.refinement is not None:
+            clone.set_model_sampler_post_cfg_function(hooks.refine_step(self))
         clone.set_model_sampler_post_cfg_function(hooks.main_eval_end(self))
 
     # ------------------------------------------------------------------ per call
@@ -405,6 +413,12 @@ class Session:
             log.exception("FreeFuse: superpixel voting failed")
             self.messages.append(f"superpixel voting failed ({err}); used the balanced argmax instead")
             self.masks = partition_maps(maps, grid, self.settings, traits, layout=self.plan.layout)
+
+    def refine_x0(self, denoised: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """Latent refinement of the generation's own evaluation of a step, once the masks are known."""
+        sigmas = self.plan.sigmas
+        step = step_index(sigmas, float(sigma.max()))
+        return self.refinement.step(denoised, step, sigmas.numel() - 1, self.masks)
 
     # ------------------------------------------------------------------ restart schedule
     def run_phase1(self, model, cond, x, timestep, model_options) -> None:

@@ -17,8 +17,11 @@ def test_the_positional_order_is_a_contract_values_for_follows_token_exclusion()
         "values_for", "save_mask_picture", "layout_use", "hint_strength", "masks_from", "export_masks",
         "layout", "layout_masks", "locked_masks",
         "style_loras", "style_selector", "style_floor", "style_ramp", "style_tokens",
+        "refine", "refine_strength", "refine_start", "refine_end", "refine_style_weight", "refine_subject_weight",
+        "refine_clip", "refine_dino",
+        "style_reference", "subject_references",
     ]  # fmt: skip
-    not_settings = ("values_for", "layout", "layout_masks", "locked_masks")
+    not_settings = ("values_for", "layout", "layout_masks", "locked_masks", "style_reference", "subject_references")
     assert sorted(n for n in names if n not in not_settings) == sorted(setting_names())
 
 
@@ -26,9 +29,14 @@ def test_the_inputs_that_are_no_settings_come_back_apart_in_both_forms():
     drawing = "iVBORw0KGgo..."  # a base64 PNG, say
     positional = positional_args(FreeFuseSettings.defaults("flux").replace(enabled=True), "flux", layout=drawing)
     parsed = settings_from_args(positional)
-    assert parsed.inputs == {"layout": drawing, "layout_masks": None, "locked_masks": ""} and not parsed.problems
+    none = {"style_reference": None, "subject_references": None}
+    assert parsed.inputs == {"layout": drawing, "layout_masks": None, "locked_masks": "", **none}
+    assert not parsed.problems
     named = settings_from_args([{"enabled": True, "locked_masks": "{...}", "masks_from": "image"}])
-    assert named.inputs == {"layout": None, "layout_masks": None, "locked_masks": "{...}"}
+    assert named.inputs == {"layout": None, "layout_masks": None, "locked_masks": "{...}", **none}
+    refs = settings_from_args([{"enabled": True, "refine": True, "style_reference": "b64", "subject_references": {}}])
+    assert refs.inputs["style_reference"] == "b64" and refs.inputs["subject_references"] == {}
+    assert refs.settings.refine
     assert named.settings.masks_from == "image"
 
 

@@ -159,3 +159,12 @@ def test_every_block_list_that_validates_also_parses_and_the_reverse():
     for spec in ["double:0-18;single:0-37", "double:0-18,single:0-37", "transformer_blocks.3", "double:10-18"]:
         settings = FreeFuseSettings.from_dict({"bias_blocks": spec})
         assert bias_blocks(settings.bias_blocks, 19, 38)
+
+
+def test_refinement_window_must_not_end_before_it_starts():
+    from freefuse.settings import FreeFuseSettings, SettingsError
+
+    with pytest.raises(SettingsError) as err:
+        FreeFuseSettings.from_dict({"refine": True, "refine_start": 0.8, "refine_end": 0.5})
+    assert err.value.problems == ["refine_start (0.8) must not be after refine_end (0.5)"]
+    assert FreeFuseSettings.from_dict({"refine_start": 0.5, "refine_end": 0.5}).refine_end == 0.5

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import sys
+import tempfile
 import types
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -56,6 +57,7 @@ def _gradio() -> types.ModuleType:
         "Column",
         "Accordion",
         "ImageEditor",
+        "Image",
         "File",
         "Brush",
     ):
@@ -137,10 +139,15 @@ def _modules(state) -> dict[str, types.ModuleType]:
     sd_models = types.ModuleType("modules.sd_models")
     sd_models.model_data = state.model_data
 
+    paths = types.ModuleType("modules.paths")  # where the user's models are (refinement's CLIP / DINO)
+    paths.models_path = state.models_path
+    state.paths = paths
+
     modules.scripts, modules.script_callbacks, modules.ui_components = scripts, callbacks, ui_components
     modules.prompt_parser, modules.extra_networks, modules.shared = prompt_parser, extra_networks, shared
-    modules.sd_models, modules.sd_samplers_common = sd_models, samplers_common
+    modules.sd_models, modules.sd_samplers_common, modules.paths = sd_models, samplers_common, paths
     return {
+        "modules.paths": paths,
         "modules.sd_samplers_common": samplers_common,
         "modules.shared": shared,
         "modules.sd_models": sd_models,
@@ -164,6 +171,8 @@ class WebuiState:
     opts: types.SimpleNamespace = field(default_factory=lambda: types.SimpleNamespace(forge_preset="flux"))
     available_networks: dict = field(default_factory=dict)  # the LoRA folder, as networks lists it
     model_data: types.SimpleNamespace = field(default_factory=lambda: types.SimpleNamespace(sd_model=None))
+    models_path: str = field(default_factory=lambda: tempfile.mkdtemp(prefix="freefuse-models-"))
+    paths: types.ModuleType | None = None
 
     def load_lora(self, name: str, filename: str, metadata: dict | None = None, activation_text: str = ""):
         """What networks.load_networks leaves behind for one <lora:name:w> tag (the file is also on disk)."""
@@ -277,7 +286,17 @@ class Processing:
     """The attributes of StableDiffusionProcessingTxt2Img that FreeFuse reads or writes."""
 
     def __init__(
-        self, prompt_with_tags: str, unet, *, steps=4, batch_size=1, engine=None, sigmas=None, api=False, size=(64, 64)
+        self,
+        prompt_with_tags: str,
+        unet,
+        *,
+        steps=4,
+        batch_size=1,
+        engine=None,
+        sigmas=None,
+        api=False,
+        size=(64, 64),
+        vae=None,
     ):
         self.prompt = prompt_with_tags
         self.is_api = api  # Forge sets it for /sdapi/v1 requests
@@ -292,7 +311,7 @@ class Processing:
         self.extra_result_images: list = []
         self.comments: dict = {}
         self.sd_model = types.SimpleNamespace(
-            forge_objects=types.SimpleNamespace(unet=unet),
+            forge_objects=types.SimpleNamespace(unet=unet, vae=vae),
             text_processing_engine_t5=engine or T5Engine(),
             text_processing_engine_l=ClipEngine(),
         )

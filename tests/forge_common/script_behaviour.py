@@ -43,11 +43,13 @@ def model(harness, webui):
     return unet, harness.add_loras(unet, [(loras["A"], 1.0), (loras["B"], 1.0)]), loras
 
 
-def generate(harness, webui, unet, args, *, prompt=PROMPT, batch=1, cfg=1.0, steps=4, xyz=None, n_txt=N_TXT, api=False):
+def generate(
+    harness, webui, unet, args, *, prompt=PROMPT, batch=1, cfg=1.0, steps=4, xyz=None, n_txt=N_TXT, api=False, vae=None
+):
     """One txt2img job: the callbacks in Forge's order around the harness's sampling."""
     script = webui.module.FreeFuseScript()
     script.ui(False)
-    p = Processing(prompt, unet, steps=steps, batch_size=batch, engine=T5Engine(min_length=N_TXT), api=api)
+    p = Processing(prompt, unet, steps=steps, batch_size=batch, engine=T5Engine(min_length=N_TXT), api=api, vae=vae)
     if xyz:
         p.freefuse_xyz = xyz
     script.process(p, *args)
@@ -93,8 +95,9 @@ def recorded_settings(p, index=0):
 def test_ui_returns_one_component_per_setting_in_settings_order(webui):
     script = webui.module.FreeFuseScript()
     components = script.ui(False)
-    # every setting, "Values for" after Token exclusion, and the layout inputs (drawing, mask images, locked masks)
-    assert len(components) == len(setting_names()) + 1 + 3
+    # every setting, "Values for" after Token exclusion, the layout inputs (drawing, mask images, locked masks)
+    # and refinement's reference images (style, subjects)
+    assert len(components) == len(setting_names()) + 1 + 3 + 2
     assert components[0].value is False  # the accordion is off by default
     assert [c.value for c in components] == [False, *positional_args(FreeFuseSettings.defaults("flux"), "flux")[1:]]
     assert len(script.infotext_fields) == len(components)

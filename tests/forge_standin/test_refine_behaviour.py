@@ -1,0 +1,3 @@
+"""Latent refinement on the stand-in backend (see tests/forge_common/)."""
+
+from tests.forge_common.refine_behaviour import *  # noqa: F403 - the shared behaviour tests
