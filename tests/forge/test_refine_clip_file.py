@@ -13,10 +13,9 @@ from freefuse.forge import refinement as forge_refinement
 
 @pytest.fixture
 def tiny_vit_l(harness, monkeypatch, tmp_path):
+    from backend.patcher import clipvision
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from backend.patcher import clipvision
 
     config = dict(clipvision.CLIP_VISION_VITL, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                   projection_dim=16)  # fmt: skip
