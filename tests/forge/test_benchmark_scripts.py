@@ -34,3 +34,15 @@ def test_the_gpu_benchmark_runs_its_whole_table_on_tiny_models():
         assert f"  {row} " in out
     assert "(+5)" in out  # restart's extra model evaluations (capture_step 4 + 1)
     assert "official masks" in out and "paper masks" in out
+
+
+def test_the_refinement_benchmark_runs_its_whole_table_on_tiny_models():
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_refine.py"), "--tiny", "--rounds", "1", "--threads", "1"],
+        capture_output=True, text=True, timeout=600, env=dict(os.environ),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    for family in ("FLUX", "SDXL"):
+        assert f"{family} toy latent, one guided step" in result.stdout
+    for row in ("VAE decode 512px", "decode fwd+bwd", "CLIP-H fwd+bwd", "DINOv2-B fwd+bwd x2", "refinement step"):
+        assert result.stdout.count(f"{row} ") == 2, result.stdout

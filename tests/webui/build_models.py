@@ -90,6 +90,11 @@ def main(forge: Path) -> None:
         }
         _save(models / "Lora" / f"{name}.safetensors", state, metadata)
 
+    from tests.tiny.encoders import save_clip_folder, save_dino_folder  # latent refinement's models, as users keep them
+
+    save_clip_folder(models / "clip_vision" / "tiny-clip")
+    save_dino_folder(models / "dinov2-tiny")
+
 
 if __name__ == "__main__":
     main(Path(sys.argv[1]).resolve())

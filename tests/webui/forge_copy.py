@@ -31,6 +31,7 @@ BUILDER_SOURCES = [  # what a copy is made from (not the tests, client or server
     *sorted(HERE.glob("tiny_*.py")),
     *sorted(FAILURE_EXTENSION.rglob("*.py")),
     REPO_ROOT / "tests" / "forge_common" / "harness_conventions.py",
+    REPO_ROOT / "tests" / "tiny" / "encoders.py",
 ]
 SKIPPED = {
     ".git",
