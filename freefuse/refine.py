@@ -121,11 +121,13 @@ class Targets:
         return self.style_anchor is None and not self.subjects
 
 
-def loss(images: torch.Tensor, targets: Targets, style_weight: float, subject_weight: float) -> torch.Tensor:
+def loss(
+    images: torch.Tensor, targets: Targets, style_weight: float, subject_weight: float, first: int = 0
+) -> torch.Tensor:
     """One minus cosine similarity to each anchor, weighted and summed over images and targets.
 
-    images: [B, 3, H, W] in [0, 1]. Subject terms use each image's own box; an image a subject is absent from
-    adds nothing for it.
+    images: [B, 3, H, W] in [0, 1], images ``first`` .. ``first + B - 1`` of the batch. Subject terms use each
+    image's own box (a single box serves every image); an image a subject is absent from adds nothing for it.
     """
     total = images.new_zeros(())
     if targets.style_anchor is not None and style_weight > 0:
@@ -133,12 +135,19 @@ def loss(images: torch.Tensor, targets: Targets, style_weight: float, subject_we
         total = total + style_weight * (1 - e @ targets.style_anchor.to(e).clone()).sum()
     if subject_weight > 0:
         for target in targets.subjects:
-            for i, box in enumerate(target.boxes[: images.shape[0]]):
+            for i in range(images.shape[0]):
+                box = _box_for(target.boxes, first + i)
                 if box is None:
                     continue
                 f = embed(target.encoder, crop(images[i : i + 1], box))
                 total = total + subject_weight * (1 - f @ target.anchor.to(f).clone()).sum()
     return total
+
+
+def _box_for(boxes: Sequence, index: int):
+    if len(boxes) == 1:
+        return boxes[0]
+    return boxes[index] if index < len(boxes) else None
 
 
 def halvings(h: int, w: int, most: int = MOST_DECODED_LATENT) -> int:
@@ -165,23 +174,30 @@ def refine_x0(
     """
     if targets.empty or strength <= 0:
         return x0, x0.new_zeros((), dtype=torch.float32)
+    corrected, total = [], x0.new_zeros((), dtype=torch.float32)
+    for i in range(x0.shape[0]):  # one image at a time: the decoder's backward pass holds one image's activations
+        z, value = _refined(x0[i : i + 1], decode, targets, strength, style_weight, subject_weight, i)
+        corrected.append(z)
+        total = total + value
+    return torch.cat(corrected).to(x0.dtype), total
+
+
+def _refined(x0, decode, targets, strength, style_weight, subject_weight, index):
+    """Image ``index`` of the batch ([1, C, h, w]) moved one normalised step, and its loss (detached)."""
     with torch.inference_mode(False), torch.enable_grad():
         z = x0.detach().clone().float().requires_grad_(True)  # a clone made here is a normal tensor
         small = z
         for _ in range(halvings(*z.shape[-2:])):
             small = F.avg_pool2d(small, 2)
         images = decode(small).float()
-        value = loss(images, targets, style_weight, subject_weight)
-        if not value.requires_grad:  # nothing depends on the latent (all boxes empty)
-            return x0, value.detach()
+        value = loss(images, targets, style_weight, subject_weight, first=index)
+        if not value.requires_grad:  # nothing depends on the latent (the subjects are absent, no style)
+            return x0.float(), value.detach()
         (grad,) = torch.autograd.grad(value, z)
     grad = torch.nan_to_num(grad.detach(), nan=0.0, posinf=0.0, neginf=0.0)
     z = z.detach()
-    per_image = tuple(range(1, z.ndim))
-    z_rms = z.pow(2).mean(per_image, keepdim=True).sqrt()
-    g_rms = grad.pow(2).mean(per_image, keepdim=True).sqrt()
-    step = strength * z_rms / (g_rms + 1e-8)
-    return (z - step * grad).to(x0.dtype), value.detach()
+    step = strength * z.pow(2).mean().sqrt() / (grad.pow(2).mean().sqrt() + 1e-8)
+    return z - step * grad, value.detach()
 
 
 def in_window(step: int, steps: int, start: float, end: float) -> bool:
@@ -203,18 +219,23 @@ def grad_ready(module: torch.nn.Module) -> torch.nn.Module:
     return plain_copy(module) if any(t.is_inference() for t in tensors) else module
 
 
-def plain_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """A private copy of ``module`` whose weights are plain tensors (clones, never requiring grad): moving or
-    casting it leaves the original alone, and a backward pass through it works even if the original's weights
-    are inference tensors."""
+def plain_copy(module: torch.nn.Module, device=None, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """A private copy of ``module`` whose weights are plain tensors (new ones, never requiring grad), made on
+    ``device`` in ``dtype`` (floating weights only) directly: moving or casting it leaves the original alone, and
+    a backward pass through it works even if the original's weights are inference tensors."""
+
+    def fresh(t: torch.Tensor) -> torch.Tensor:
+        kind = dtype if dtype is not None and t.is_floating_point() else t.dtype
+        return t.detach().to(device=device or t.device, dtype=kind, copy=True)
+
     with torch.inference_mode(False):
         twin = copy.copy(module)  # a new __dict__ with the same entries; the tensor tables are replaced below
         twin._parameters = {
-            k: None if p is None else torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+            k: None if p is None else torch.nn.Parameter(fresh(p), requires_grad=False)
             for k, p in module._parameters.items()
         }
-        twin._buffers = {k: None if b is None else b.detach().clone() for k, b in module._buffers.items()}
-        twin._modules = {k: None if m is None else plain_copy(m) for k, m in module._modules.items()}
+        twin._buffers = {k: None if b is None else fresh(b) for k, b in module._buffers.items()}
+        twin._modules = {k: None if m is None else plain_copy(m, device, dtype) for k, m in module._modules.items()}
     return twin
 
 
@@ -226,9 +247,9 @@ def clip_encoder(model: torch.nn.Module, name: str) -> Encoder:
                    CLIP_MEAN, CLIP_STD, dtype)  # fmt: skip
 
 
-def dino_encoder(model: torch.nn.Module, name: str) -> Encoder:
-    """A transformers Dinov2Model (or DINO ViTModel) as an Encoder of its pooled CLS token, at 224 px."""
+def dino_encoder(model: torch.nn.Module, name: str, size: int = 224) -> Encoder:
+    """A transformers Dinov2Model as an Encoder of its pooled CLS token at ``size`` px (224, as DINOv2's own
+    evaluation crops: its configs say 518, its pretraining size; the position embeddings are interpolated)."""
     dtype = next(model.parameters()).dtype
-    size = int(getattr(model.config, "image_size", 224))
     return Encoder(name, lambda pixels: model(pixel_values=pixels).pooler_output, size, IMAGENET_MEAN,
                    IMAGENET_STD, dtype)  # fmt: skip

@@ -65,7 +65,11 @@ INPUTS = ("layout", "layout_masks", "locked_masks", "style_reference", "subject_
 INPUT_DEFAULTS = {
     "layout": None, "layout_masks": None, "locked_masks": "", "style_reference": None, "subject_references": None,
 }  # fmt: skip
-_LATER_INPUTS = ("style_reference", "subject_references")  # inputs added after later settings: at the very end
+_SINCE_02 = (  # what came after 0.2's layouts, in the order it came: style fusion, latent refinement
+    "style_loras", "style_selector", "style_floor", "style_ramp", "style_tokens",
+    "refine", "refine_strength", "refine_start", "refine_end", "refine_style_weight", "refine_subject_weight",
+    "refine_clip", "refine_dino", "style_reference", "subject_references",
+)  # fmt: skip
 _LAST_OF_01 = "token_exclusion"  # the last setting of version 0.1
 _AFTER_01 = ("values_for", "save_mask_picture", "layout_use", "hint_strength", "masks_from", "export_masks",
              "layout", "layout_masks", "locked_masks")  # fmt: skip
@@ -73,11 +77,11 @@ _AFTER_01 = ("values_for", "save_mask_picture", "layout_use", "hint_strength", "
 
 def positional_names() -> list[str]:
     """The names of the positional arguments in order: 0.1's settings, then what came after, in the order it
-    came (settings added later still go at the end)."""
+    came (spelled out, so a setting added later goes at the very end and moves nothing)."""
     names = setting_names()
     first = names[: names.index(_LAST_OF_01) + 1]
-    later = [n for n in names if n not in first and n not in _AFTER_01]
-    return [*first, *_AFTER_01, *later, *_LATER_INPUTS]
+    listed = (*first, *_AFTER_01, *_SINCE_02)
+    return [*listed, *(n for n in names if n not in listed)]  # a setting added later goes at the very end
 
 
 def positional_args(settings: FreeFuseSettings, values_for: str, **inputs: Any) -> list[Any]:

@@ -375,7 +375,7 @@ class FreeFuseSettings:
                 out.append(f"{f.name} must be from {_number(bounds[0])} to {_number(bounds[1])}; got {_number(value)}")
             elif choices is not None and f.name != "bias_blocks" and value not in choices:
                 out.append(f"{f.name} must be one of {', '.join(choices)}; got {value!r}")
-        if self.refine_start > self.refine_end:
+        if self.refine and self.refine_start > self.refine_end:
             out.append(f"refine_start ({self.refine_start:g}) must not be after refine_end ({self.refine_end:g})")
         block_problem = block_spec_problem(self.bias_blocks)
         if block_problem is not None:

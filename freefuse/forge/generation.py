@@ -312,7 +312,7 @@ class Generation:
             if layout is not None and layout.complete:  # every mask given: nothing to capture
                 masks = layout.given(TRAITS[family].token_grid(p.height, p.width), p.batch_size)
         refinement = None
-        if self.settings.refine and not hires:
+        if not hires:
             refinement = self._refinement(p, [s.lora for s in subjects])
         return Plan(
             settings=self.settings,
@@ -328,13 +328,20 @@ class Generation:
 
     def _refinement(self, p, loras: list[str]):
         """Latent refinement for this pass, or None (and why) when it cannot run."""
-        api = bool(getattr(p, "is_api", False))
-        refs = read_references(
-            self.inputs.get("style_reference"), self.inputs.get("subject_references"), loras, allow_paths=not api
-        )
-        refinement, messages = forge_refinement.prepare(
-            self.settings, refs, loras, getattr(p.sd_model.forge_objects, "vae", None)
-        )
+        given = [self.inputs.get(name) for name in ("style_reference", "subject_references")]
+        if not self.settings.refine:
+            forge_refinement.release()  # free the CLIP / DINO models a refined generation loaded
+            if any(value not in (None, "", [], {}) for value in given):
+                tell(p, "reference images were given but refine is off, so they are not used")
+            return None
+        try:
+            refs = read_references(*given, loras, allow_paths=not getattr(p, "is_api", False))
+            refinement, messages = forge_refinement.prepare(
+                self.settings, refs, loras, getattr(p.sd_model.forge_objects, "vae", None)
+            )
+        except Exception as err:  # noqa: BLE001 - refinement must never cost the generation FreeFuse itself
+            log.exception("FreeFuse: preparing latent refinement failed")
+            refinement, messages = None, [f"latent refinement could not be prepared ({err}); it did not run"]
         for message in messages:
             tell(p, message)
         return refinement

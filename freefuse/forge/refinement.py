@@ -24,7 +24,18 @@ from freefuse.refine_inputs import References, to_tensor
 
 log = logging.getLogger("freefuse")
 WEIGHT_FILES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
-_loaded: dict[tuple[str, float], torch.nn.Module] = {}  # (path, mtime) -> model on the CPU, in float32
+_loaded: dict[str, tuple[tuple[str, float], torch.nn.Module]] = {}  # kind -> ((path, mtime), model on the CPU,
+# float32): the last CLIP and the last DINO used, never moved or cast (each session works on its own device copy)
+
+
+def release() -> None:
+    """Forget the loaded CLIP / DINO models (a FreeFuse generation without refinement frees their memory)."""
+    _loaded.clear()
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """The encoders' dtype during refinement: half precision on a GPU, float32 on the CPU."""
+    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def clip_dirs() -> list[str]:
@@ -96,15 +107,31 @@ def _pick(wanted: str, candidates: list[str]) -> str | None:
     return None
 
 
-def _load(path: str, build) -> torch.nn.Module:
+def _load(kind: str, path: str, build) -> torch.nn.Module:
     key = (path, os.path.getmtime(path))
-    if key not in _loaded:
-        for old in [k for k in _loaded if k[0] == path]:
-            del _loaded[old]
+    if kind not in _loaded or _loaded[kind][0] != key:
+        _loaded.pop(kind, None)  # at most one model of each kind stays loaded
         with torch.inference_mode(False):
             model = build(path)
-        _loaded[key] = refine.grad_ready(model.float().eval().requires_grad_(False))
-    return _loaded[key]
+            model = refine.grad_ready(model.float().eval().requires_grad_(False))
+        _loaded[kind] = (key, model)
+    return _loaded[kind][1]
+
+
+def _first_loading(kind: str, wanted: str, candidates: list[str], build, messages: list[str]):
+    """(path, model) of the named candidate, or of the first candidate that loads; (None, None) when none does.
+    A candidate that fails to load is named once in ``messages``."""
+    named = _pick(wanted, candidates)
+    order = [named] if wanted.strip() else candidates
+    for path in order:
+        if path is None:
+            continue
+        try:
+            return path, _load(kind, path, build)
+        except Exception as err:  # noqa: BLE001 - a broken or foreign file must not break the generation
+            log.exception("FreeFuse: loading %s failed", path)
+            messages.append(f"could not load {os.path.basename(path)} for latent refinement ({err})")
+    return None, None
 
 
 def _load_clip(path: str) -> torch.nn.Module:
@@ -130,10 +157,19 @@ def prepare(settings, refs: References, loras: list[str], vae) -> tuple[Refineme
     """The refinement of one generation (None when it cannot run) and one sentence per problem."""
     messages = list(refs.messages)
     if refs.empty:
-        messages.append(
-            "latent refinement is on but no usable reference image was given (a style reference, or subject "
-            "references); it did not run"
-        )
+        if messages:  # each unusable input was named; say once what it meant
+            messages[-1] += "; with no usable reference image, latent refinement did not run"
+        else:
+            messages.append(
+                "latent refinement is on but no reference image was given (a style reference, or subject "
+                "references); it did not run"
+            )
+        return None, messages
+    uses_style = bool(refs.style) and settings.refine_style_weight > 0
+    uses_subjects = any(refs.subjects.values()) and settings.refine_subject_weight > 0
+    if settings.refine_strength <= 0 or not (uses_style or uses_subjects):
+        why = "refine_strength is 0" if settings.refine_strength <= 0 else "the weights of the given references are 0"
+        messages.append(f"latent refinement did not run: {why}")
         return None, messages
     if vae is None or not hasattr(getattr(vae, "first_stage_model", None), "decoder"):
         messages.append("latent refinement needs the checkpoint's VAE, which this model lacks; it did not run")
@@ -142,43 +178,39 @@ def prepare(settings, refs: References, loras: list[str], vae) -> tuple[Refineme
 
     dirs = clip_dirs()
     clips = clip_candidates(dirs)
-    clip_path = _pick(settings.refine_clip, clips)
-    if clip_path is None:
+    clip_path, clip = _first_loading("clip", settings.refine_clip, clips, _load_clip, messages)
+    if clip is None:
         found = ", ".join(os.path.basename(c) for c in clips) or "none"
-        if settings.refine_clip.strip():
+        if settings.refine_clip.strip() and _pick(settings.refine_clip, clips) is None:
             messages.append(
                 f"latent refinement did not run: refine_clip {settings.refine_clip!r} is not in {dirs[0]} "
                 f"(found: {found})"
             )
+        elif clips:
+            messages[-1] += "; with no usable CLIP vision model, latent refinement did not run"
         else:
             messages.append(
                 f"latent refinement did not run: it needs a CLIP vision model in {dirs[0]} (found: none); put "
                 "CLIP-ViT-H-14.safetensors or a Hugging Face CLIPVisionModelWithProjection folder there"
             )
         return None, messages
-    dino_path = None
-    if any(refs.subjects.values()):
+    dino_path, dino = None, None
+    if uses_subjects:
         dinos = dino_candidates(paths.models_path)
-        dino_path = _pick(settings.refine_dino, dinos)
-        if dino_path is None and settings.refine_dino.strip():
+        if settings.refine_dino.strip() and _pick(settings.refine_dino, dinos) is None:
             messages.append(
                 f"refine_dino {settings.refine_dino!r} is not a DINOv2 folder in {paths.models_path} (found: "
                 f"{', '.join(os.path.basename(d) for d in dinos) or 'none'}); the subject score uses CLIP"
             )
-    try:
-        clip = _load(clip_path, _load_clip)
-        dino = _load(dino_path, _load_dino) if dino_path else None
-    except Exception as err:  # noqa: BLE001 - a broken file must not break the generation
-        log.exception("FreeFuse: loading refinement models failed")
-        messages.append(f"latent refinement could not load its models ({err}); it did not run")
-        return None, messages
+        else:
+            dino_path, dino = _first_loading("dino", settings.refine_dino, dinos, _load_dino, messages)
     clip_encoder = refine.clip_encoder(clip, os.path.basename(clip_path))
-    subject_encoder = refine.dino_encoder(dino, os.path.basename(dino_path)) if dino else clip_encoder
+    subject_encoder = refine.dino_encoder(dino, os.path.basename(dino_path)) if dino is not None else clip_encoder
     try:
-        style = refine.anchor(clip_encoder, [to_tensor(i) for i in refs.style]) if refs.style else None
+        style = refine.anchor(clip_encoder, [to_tensor(i) for i in refs.style]) if uses_style else None
         anchors = [
-            refine.anchor(subject_encoder, [to_tensor(i) for i in refs.subjects.get(lora, [])])
-            if refs.subjects.get(lora)
+            refine.anchor(subject_encoder, [to_tensor(i) for i in refs.subjects[lora]])
+            if uses_subjects and refs.subjects.get(lora)
             else None
             for lora in loras
         ]
@@ -220,19 +252,25 @@ class Refinement:
     vae: object
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, loss before its correction)
     failed: str | None = None
-    _decoder: torch.nn.Module | None = None
+    masks_seen: bool = False  # the masks existed at some evaluation (else the window could not matter)
+    _device: dict | None = None  # this session's copies on the sampling device: decoder, clip, dino
     _boxes: tuple[int, list] | None = None  # (id of the masks, per subject its box per image)
 
     def step(self, x0: torch.Tensor, step: int, steps: int, masks: SubjectMasks | None) -> torch.Tensor:
-        """The corrected x0 of one evaluation ([B, C, h, w]), or x0 itself outside the window."""
+        """The corrected x0 of a step's first evaluation ([B, C, h, w]), or x0 itself (outside the window, or
+        another evaluation of a step already corrected)."""
         s = self.settings
+        self.masks_seen = self.masks_seen or masks is not None
         if self.failed or masks is None or not refine.in_window(step, steps, s.refine_start, s.refine_end):
             return x0
+        if any(done == step for done, _ in self.losses):  # a second-order sampler's other evaluations of this
+            return x0  # step: one correction per step, whatever the sampler
         try:
-            decoder = self._device_models(x0.device)
-            targets = self._targets(masks, x0.device)
+            with torch.inference_mode(False):  # Forge samples in inference mode; the copies must be plain tensors
+                models = self._device_models(x0.device)
+            targets = self._targets(masks, models, x0.device)
             corrected, loss = refine.refine_x0(
-                x0, decoder, targets, s.refine_strength, s.refine_style_weight, s.refine_subject_weight
+                x0, models["decoder"], targets, s.refine_strength, s.refine_style_weight, s.refine_subject_weight
             )
         except Exception as err:  # noqa: BLE001 - finish the image without refinement
             log.exception("FreeFuse: latent refinement failed")
@@ -242,24 +280,28 @@ class Refinement:
         self.losses.append((step, float(loss)))
         return corrected
 
-    def _device_models(self, device: torch.device) -> torch.nn.Module:
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        if self._decoder is None:
-            first_stage = self.vae.first_stage_model
+    def _device_models(self, device: torch.device) -> dict:
+        """Private copies on the sampling device, made once per session: Forge's VAE and the loaded encoders are
+        never moved or cast."""
+        if self._device is None:
             vae_dtype = getattr(self.vae, "vae_dtype", torch.float32) if device.type == "cuda" else torch.float32
-            self._decoder = refine.plain_copy(_Decoder(first_stage)).to(device=device, dtype=vae_dtype)
-            for model in (self.clip, self.dino):
-                if model is not None:
-                    model.to(device=device, dtype=dtype)
-        return self._decoder
+            dtype = compute_dtype(device)
+            decoder = _Decoder(self.vae.first_stage_model)
+            self._device = {
+                "decoder": refine.plain_copy(decoder, device, vae_dtype),
+                "clip": refine.plain_copy(self.clip, device, dtype),
+                "dino": refine.plain_copy(self.dino, device, dtype) if self.dino is not None else None,
+            }
+        return self._device
 
-    def _targets(self, masks: SubjectMasks, device) -> refine.Targets:
+    def _targets(self, masks: SubjectMasks, models: dict, device) -> refine.Targets:
         if self._boxes is None or self._boxes[0] != id(masks):
             boxes = [[refine.box_of(masks.masks[b, c]) for b in range(masks.masks.shape[0])]
                      for c in range(masks.masks.shape[1])]  # fmt: skip
             self._boxes = (id(masks), boxes)
-        clip = refine.clip_encoder(self.clip, self.clip_name)
-        subject = refine.dino_encoder(self.dino, self.subject_name) if self.dino is not None else clip
+        clip = refine.clip_encoder(models["clip"], self.clip_name)
+        dino = models["dino"]
+        subject = refine.dino_encoder(dino, self.subject_name) if dino is not None else clip
         subjects = [
             refine.SubjectTarget(subject, anchor.to(device), self._boxes[1][c])
             for c, anchor in enumerate(self.subject_anchors)
@@ -269,17 +311,16 @@ class Refinement:
         return refine.Targets(clip if style is not None else None, style, subjects)
 
     def close(self) -> None:
-        """Free the decoder copy and put the encoders back on the CPU (they stay loaded for the next run)."""
-        self._decoder = None
-        for model in (self.clip, self.dino):
-            if model is not None:
-                model.to(device="cpu", dtype=torch.float32)
+        """Free this session's device copies (the loaded encoders stay on the CPU for the next run)."""
+        self._device = None
 
     def report(self, steps: int) -> str:
         """One sentence on what ran, for the image's notes."""
         if self.failed:
             return self.failed
         if not self.losses:
+            if not self.masks_seen:
+                return "latent refinement did not run: it needs the subject masks, and none were found"
             return (
                 "latent refinement ran at no step: its window holds no step after the masks were found (widen "
                 "refine_start / refine_end)"

@@ -174,3 +174,19 @@ def test_a_plain_copy_is_independent_of_the_original():
         twin.conv.weight.zero_()
     assert original.conv.weight.dtype == torch.float32 and original.conv.weight.abs().sum() > 0
     assert not any(p.requires_grad for p in twin.parameters())
+
+
+def test_one_box_serves_every_image_of_the_batch(dino):
+    subject = refine.SubjectTarget(dino, refine.anchor(dino, _images(1, 5)), [(0, 1, 0, 1)])
+    x0 = torch.randn(2, 4, 16, 16)
+    refined, _ = refine.refine_x0(x0, TinyDecoder(), refine.Targets(subjects=[subject]), strength=0.05)
+    assert not torch.equal(refined[0], x0[0]) and not torch.equal(refined[1], x0[1])
+
+
+def test_a_plain_copy_is_made_on_the_asked_dtype_without_touching_the_original():
+    with torch.inference_mode():
+        original = TinyDecoder()
+        twin = refine.plain_copy(original, "cpu", torch.float64)
+    assert twin.conv.weight.dtype == torch.float64 and not twin.conv.weight.is_inference()
+    assert original.conv.weight.dtype == torch.float32
+    torch.testing.assert_close(twin.conv.weight.float(), original.conv.weight.clone())

@@ -20,6 +20,7 @@ def tiny_vit_l(harness, monkeypatch, tmp_path):
     config = dict(clipvision.CLIP_VISION_VITL, hidden_size=32, intermediate_size=64, num_attention_heads=2,
                   projection_dim=16)  # fmt: skip
     monkeypatch.setattr(clipvision, "CLIP_VISION_VITL", config)
+    monkeypatch.setattr(clipvision.memory_management, "should_use_fp16", lambda *a, **k: False)  # a GPU machine
     torch.manual_seed(0)
     model = CLIPVisionModelWithProjection(CLIPVisionConfig(**config))
     folder = tmp_path / "clip_vision"
@@ -34,7 +35,7 @@ def tiny_vit_l(harness, monkeypatch, tmp_path):
 def test_a_clip_file_loads_through_forges_loader_and_embeds_like_the_original(tiny_vit_l):
     path, original = tiny_vit_l
     assert forge_refinement.clip_candidates([str(tiny_vit_l[0]).rsplit("/", 1)[0]]) == [path]
-    loaded = forge_refinement._load(path, forge_refinement._load_clip)
+    loaded = forge_refinement._load("clip", path, forge_refinement._load_clip)
     images = torch.rand(2, 3, 224, 224)
     ours = refine.embed(refine.clip_encoder(loaded, "CLIP-ViT-L-14"), images)
     expected = refine.embed(refine.clip_encoder(original.eval(), "original"), images)

@@ -63,8 +63,11 @@ def test_refinement_corrects_the_steps_of_its_window_and_says_what_ran(harness, 
     assert all(torch.equal(a, b) for a, b in zip(weights, vae.first_stage_model.state_dict().values(), strict=True))
     assert all(p.grad is None for p in vae.first_stage_model.parameters())
     assert sessions.active() is None
-    for model_ in forge_refinement._loaded.values():  # the encoders stay loaded, on the CPU, without gradients
-        assert all(p.device.type == "cpu" and p.grad is None and not p.requires_grad for p in model_.parameters())
+    assert set(forge_refinement._loaded) == {"clip", "dino"}
+    for _, kept in forge_refinement._loaded.values():  # the encoders stay loaded, untouched, on the CPU
+        for w in kept.parameters():
+            assert w.device.type == "cpu" and w.dtype == torch.float32 and w.grad is None and not w.requires_grad
+            assert not w.is_inference()
     after = generate(harness, webui, both, [ON], vae=vae)
     assert torch.equal(after.latent, plain.latent)  # nothing of the refinement stays behind
 
@@ -94,20 +97,42 @@ def test_without_dino_the_subjects_are_scored_by_clip(harness, webui, model, on_
     assert "A by CLIP tiny-clip (no DINOv2 found)" in _notes(p)[0], p.comments
 
 
-def test_runs_when_forge_samples_in_inference_mode(harness, webui, model, on_disk):
+def test_runs_when_forge_samples_in_inference_mode_and_casts_the_encoders(harness, webui, model, on_disk, monkeypatch):
+    """On a GPU the encoders run in half precision: a cast made inside Forge's inference mode would give inference
+    tensors, which cannot be backpropagated through. float64 here forces a real cast on the CPU."""
     unet, both, _ = model
+    monkeypatch.setattr(forge_refinement, "compute_dtype", lambda device: torch.float64)
     with torch.inference_mode():
         p = generate(harness, webui, both, [{**REFINE, **REFS}], vae=tiny_vae(FLUX_LATENT))
     assert _notes(p)[0].startswith("FreeFuse: latent refinement ran at 3 of 4 steps"), p.comments
+    for _, kept in forge_refinement._loaded.values():  # the loaded models were neither cast nor made inference
+        assert all(w.dtype == torch.float32 and not w.is_inference() for w in kept.parameters())
+
+
+def test_a_run_without_refinement_frees_the_loaded_models_and_says_unused_references(harness, webui, model, on_disk):
+    unet, both, _ = model
+    generate(harness, webui, both, [{**REFINE, **REFS}], vae=tiny_vae(FLUX_LATENT))
+    assert forge_refinement._loaded
+    p = generate(harness, webui, both, [{**ON, **REFS}], vae=tiny_vae(FLUX_LATENT))
+    assert not forge_refinement._loaded
+    assert [c for c in p.comments if "reference images were given but refine is off" in c], p.comments
+
+
+def test_zero_weights_are_said_once_instead_of_a_run_that_did_nothing(harness, webui, model, on_disk):
+    unet, both, _ = model
+    p = generate(harness, webui, both, [{**REFINE, "refine_style_weight": 0, **REFS, "subject_references": None}],
+                 vae=tiny_vae(FLUX_LATENT))  # fmt: skip
+    assert _notes(p) == ["FreeFuse: latent refinement did not run: the weights of the given references are 0"]
 
 
 @pytest.mark.parametrize(
     ("change", "said"),
     [
-        ({"style_reference": None, "subject_references": None}, "no usable reference image was given"),
+        ({"style_reference": None, "subject_references": None}, "no reference image was given"),
         ({"refine_clip": "ViT-H"}, "did not run: CLIP vision model 'ViT-H' is not in"),
         ({"refine_dino": "dino-giant"}, "DINO model 'dino-giant' is not a DINOv2 folder"),
         ({"style_reference": "not an image"}, "style_reference is not an image"),
+        ({"style_reference": "???", "subject_references": None}, "with no usable reference image, latent refinement"),
         ({"subject_references": {"Z": _png(4)}}, "subject_references names 'Z', which is not a subject LoRA"),
     ],
 )
@@ -115,6 +140,7 @@ def test_each_missing_piece_is_one_message_and_the_image_is_generated(harness, w
     unet, both, _ = model
     p = generate(harness, webui, both, [{**REFINE, **REFS, **change}], vae=tiny_vae(FLUX_LATENT))
     assert len([c for c in p.comments if said in c]) == 1, p.comments
+    assert len(_notes(p)) == 1, p.comments  # one message for one bad input
     assert p.latent is not None and sessions.active() is None
     assert script_behaviour.subjects_line(p).startswith("A: harry_potter ")
 
@@ -145,3 +171,11 @@ def test_refinement_on_sdxl(harness, webui, sdxl_model, on_disk):
     p = generate(harness, webui, both, [{**REFINE, **REFS}], cfg=5.0, n_txt=77, vae=vae)
     assert _notes(p)[0].startswith("FreeFuse: latent refinement ran at 3 of 4 steps"), p.comments
     assert not torch.equal(p.latent, plain.latent)
+
+
+def test_a_clip_file_that_does_not_load_is_said_and_the_next_one_is_used(harness, webui, model, on_disk):
+    (on_disk / "clip_vision" / "clip-broken.safetensors").write_bytes(b"not weights")  # listed before tiny-clip
+    unet, both, _ = model
+    p = generate(harness, webui, both, [{**REFINE, **REFS}], vae=tiny_vae(FLUX_LATENT))
+    assert [c for c in p.comments if c.startswith("FreeFuse: could not load clip-broken.safetensors")], p.comments
+    assert [c for c in p.comments if "(style by CLIP tiny-clip; " in c], p.comments

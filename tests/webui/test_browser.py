@@ -219,3 +219,29 @@ def test_a_bad_value_gives_a_readable_message_under_the_image(page, request):
     )
     info = page.locator("#html_info_txt2img").inner_text()
     assert "Capture step 10 is not below the number of steps (6)" in info  # named by its label in the web UI
+
+
+def _reference_file(tmp_path, name, seed):
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / name
+    Image.fromarray(np.random.default_rng(seed).integers(0, 256, (48, 40, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def test_reference_images_uploaded_in_the_accordion_drive_latent_refinement(page, tmp_path):
+    _open_freefuse(page)
+    group = page.locator(f"{ID}group_refine")
+    group.scroll_into_view_if_needed()
+    group.locator(f"{ID}refine input[type=checkbox]").check()
+    page.locator(f"{ID}style_reference input[type=file]").first.set_input_files(
+        str(_reference_file(tmp_path, "style.png", 1))
+    )
+    page.locator(f"{ID}subject_references input[type=file]").first.set_input_files(
+        [str(_reference_file(tmp_path, "harry-1.png", 2)), str(_reference_file(tmp_path, "nobody.png", 3))]
+    )
+    page.locator(f"{ID}subject_references").get_by_text("nobody.png").wait_for()
+    info = _generate(page, "txt2img", FLUX_SUBJECTS_PROMPT)
+    assert "latent refinement ran at " in info and "(style by CLIP tiny-clip; harry by DINO dinov2-tiny)" in info, info
+    assert "subject reference 'nobody.png' matches no subject LoRA (harry, daiyu)" in info, info

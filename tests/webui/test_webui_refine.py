@@ -48,7 +48,7 @@ def test_each_missing_piece_is_one_message_and_the_image_is_still_generated(webu
     webui.select_model("flux_a")
     body = {**FLUX_TXT2IMG, "prompt": PROMPTS[0][2]}
     cases = [
-        ({}, "no usable reference image was given"),
+        ({}, "no reference image was given"),
         ({"style_reference": "not a picture"}, "style_reference is not an image"),
         ({"style_reference": _png(1), "refine_clip": "ViT-H"}, "refine_clip 'ViT-H' is not in"),
         ({"subject_references": {"nobody": [_png(3)]}}, "subject_references names 'nobody'"),
