@@ -241,7 +241,7 @@ def test_reference_images_uploaded_in_the_accordion_drive_latent_refinement(page
     page.locator(f"{ID}subject_references input[type=file]").first.set_input_files(
         [str(_reference_file(tmp_path, "harry-1.png", 2)), str(_reference_file(tmp_path, "nobody.png", 3))]
     )
-    page.locator(f"{ID}subject_references").get_by_text("nobody.png").wait_for()
+    page.locator(f"{ID}subject_references .stem").get_by_text("nobody").wait_for()  # uploaded: "nobody" ".png"
     info = _generate(page, "txt2img", FLUX_SUBJECTS_PROMPT)
     assert "latent refinement ran at " in info and "(style by CLIP tiny-clip; harry by DINO dinov2-tiny)" in info, info
     assert "subject reference 'nobody.png' matches no subject LoRA (harry, daiyu)" in info, info
