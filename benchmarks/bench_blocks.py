@@ -140,16 +140,20 @@ def main() -> None:
     parser.add_argument("--family", choices=["flux", "sdxl", "both"], default="both")
     parser.add_argument("--rounds", type=int, default=2, help="timed rounds after the warm-up round")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument(
+        "--style-only", action="store_true",
+        help="only plain, merged, FreeFuse 2 x r16 and the style variants (the cost of style fusion)",
+    )  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     families = ["flux", "sdxl"] if args.family == "both" else [args.family]
     with harness_context() as (harness, backend), torch.inference_mode():
         print(f"backend: {backend}; torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, float32")
         for family in families:
-            run_family(harness, family, args.rounds)
+            run_family(harness, family, args.rounds, args.style_only)
 
 
-def run_family(harness, family: str, rounds: int) -> None:
+def run_family(harness, family: str, rounds: int, style_only: bool = False) -> None:
     spec = FAMILIES[family]
     unet = build(harness, family)
     loras = {
@@ -161,11 +165,11 @@ def run_family(harness, family: str, rounds: int) -> None:
 
     merged = harness.add_loras(unet, [(lora, 1.0) for lora in subjects(2, 16)])
     variants = {"plain": (unet, None), "merged": (merged, None)}
-    for count, rank in ((2, 16), (4, 16), (2, 64), (4, 64)):
+    for count, rank in ((2, 16),) if style_only else ((2, 16), (4, 16), (2, 64), (4, 64)):
         both = harness.add_loras(unet, [(lora, 1.0) for lora in subjects(count, rank)])
         variants[f"FreeFuse {count} x r{rank}"] = (both, variant_runner(harness, family, subjects(count, rank), None))
     two = harness.add_loras(unet, [(lora, 1.0) for lora in subjects(2, 16)])
-    for form in ("dense", "channels"):
+    for form in () if style_only else ("dense", "channels"):
         variants[f"FreeFuse 2 x r16 + bias {form}"] = (two, variant_runner(harness, family, subjects(2, 16), form))
     style = harness.make_lora(unet, name="style", rank=16, seed=99)
     styled = harness.add_loras(unet, [(lora, 1.0) for lora in [*subjects(2, 16), style]])

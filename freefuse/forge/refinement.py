@@ -3,8 +3,9 @@ correct the denoised estimate once per step in the window (the maths is freefuse
 
 Nothing is downloaded. CLIP vision comes from ``models/clip_vision`` (or ControlNet's preprocessor folder,
 where IP-Adapter users keep CLIP-ViT-H-14 / bigG): a single file goes through Forge's own clip vision loader, a
-Hugging Face folder through ``transformers`` with ``local_files_only``. DINOv2 is a Hugging Face folder anywhere
-one level below ``models/`` (``models/dinov2-small``). The decoder is a private copy of the checkpoint's VAE
+Hugging Face folder through ``transformers`` with ``local_files_only``. DINOv2 is a Hugging Face folder directly in
+``models/`` (``models/dinov2-small``) or in a ``models/dino*`` folder. A file that does not load is named in the
+notes and not tried again while it stays unchanged. The decoder is a private copy of the checkpoint's VAE
 decoder (Forge loads weights as inference tensors, which cannot be backpropagated through, and its VAE must not
 be moved), made at the first corrected step and dropped when the session ends.
 """
@@ -26,6 +27,9 @@ log = logging.getLogger("freefuse")
 WEIGHT_FILES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
 _loaded: dict[str, tuple[tuple[str, float], torch.nn.Module]] = {}  # kind -> ((path, mtime), model on the CPU,
 # float32): the last CLIP and the last DINO used, never moved or cast (each session works on its own device copy)
+
+
+_unloadable: dict[tuple[str, float], str] = {}  # (path, mtime) -> why it did not load (not tried again)
 
 
 def release() -> None:
@@ -52,20 +56,19 @@ def clip_dirs() -> list[str]:
 
 
 def clip_candidates(dirs: list[str]) -> list[str]:
-    """CLIP vision weights: files with a weights extension and Hugging Face folders of a CLIP vision model."""
+    """CLIP vision weights: weight files and Hugging Face CLIP vision folders in ``dirs`` (in a folder not named
+    clip_vision, only files whose name says CLIP: ControlNet's preprocessor folder holds many other models)."""
     found = []
     for folder in dirs:
         if not os.path.isdir(folder):
             continue
+        any_file = os.path.basename(os.path.normpath(folder)) == "clip_vision"
         for name in sorted(os.listdir(folder)):
             path = os.path.join(folder, name)
-            if (
-                os.path.isfile(path)
-                and name.lower().endswith(WEIGHT_FILES)
-                and "clip" in name.lower()
-                or os.path.isdir(path)
-                and _model_type(path) in ("clip_vision_model", "clip")
-            ):
+            if os.path.isdir(path):
+                if _model_type(path) in ("clip_vision_model", "clip"):
+                    found.append(path)
+            elif name.lower().endswith(WEIGHT_FILES) and (any_file or "clip" in name.lower()):
                 found.append(path)
     return found
 
@@ -109,11 +112,17 @@ def _pick(wanted: str, candidates: list[str]) -> str | None:
 
 def _load(kind: str, path: str, build) -> torch.nn.Module:
     key = (path, os.path.getmtime(path))
+    if key in _unloadable:
+        raise ValueError(_unloadable[key])
     if kind not in _loaded or _loaded[kind][0] != key:
         _loaded.pop(kind, None)  # at most one model of each kind stays loaded
-        with torch.inference_mode(False):
-            model = build(path)
-            model = refine.grad_ready(model.float().eval().requires_grad_(False))
+        try:
+            with torch.inference_mode(False):
+                model = build(path)
+                model = refine.grad_ready(model.float().eval().requires_grad_(False))
+        except Exception as err:
+            _unloadable[key] = str(err)
+            raise
         _loaded[kind] = (key, model)
     return _loaded[kind][1]
 

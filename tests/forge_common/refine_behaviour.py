@@ -37,8 +37,10 @@ def on_disk(webui, tmp_path):
     save_dino_folder(models / "dinov2-tiny")
     webui.paths.models_path = str(models)
     forge_refinement._loaded.clear()
+    forge_refinement._unloadable.clear()
     yield models
     forge_refinement._loaded.clear()
+    forge_refinement._unloadable.clear()
 
 
 REFINE = {**ON, "refine": True, "refine_strength": 0.05}
@@ -179,3 +181,5 @@ def test_a_clip_file_that_does_not_load_is_said_and_the_next_one_is_used(harness
     p = generate(harness, webui, both, [{**REFINE, **REFS}], vae=tiny_vae(FLUX_LATENT))
     assert [c for c in p.comments if c.startswith("FreeFuse: could not load clip-broken.safetensors")], p.comments
     assert [c for c in p.comments if "(style by CLIP tiny-clip; " in c], p.comments
+    again = generate(harness, webui, both, [{**REFINE, **REFS}], vae=tiny_vae(FLUX_LATENT))  # not loaded again,
+    assert [c for c in again.comments if c.startswith("FreeFuse: could not load clip-broken")]  # still said
