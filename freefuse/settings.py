@@ -270,7 +270,8 @@ class FreeFuseSettings:
         choices=STYLE_RAMPS,
     )  # fmt: skip
     style_tokens: int = _knob(
-        1024, "Tokens per region", "Tokens sampled per region and layer to compare the branches.", group="style",
+        256, "Tokens compared", "Tokens sampled per layer call (image and text each) to compare the branches.",
+        group="style",
         bounds=(16, 65536), step=16,
     )  # fmt: skip
     # --- latent refinement (freefuse.refine)

@@ -208,7 +208,7 @@ def fuse_layer(
     cond_rows: Tensor,
     n_chunks: int,
     metric: str = "kl",
-    max_tokens: int = 1024,
+    max_tokens: int = 256,
     floor: float = 0.0,
     bias: float = 1.0,
     kappa: float = math.inf,
