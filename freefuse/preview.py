@@ -114,3 +114,34 @@ def mask_images(masks: Tensor, size_hw: tuple[int, int]) -> list[Image.Image]:
     layers = upsample_nearest(_as_masks(masks), size_hw)  # [C, H, W]
     grey = (layers * 255.0).round().to(torch.uint8).numpy()
     return [Image.fromarray(g) for g in grey]
+
+
+STYLE_COLOUR: tuple[int, int, int] = (40, 20, 60)  # a cell where the style always won
+UNDECIDED_COLOUR: tuple[int, int, int] = (200, 200, 200)  # a cell where no decision was made
+
+
+def style_map_picture(style_share: Tensor, labels: Sequence[str], cell: int = 6) -> Image.Image:
+    """Where the style won, per region: one panel per subject, a column per step and a row per LoRA layer.
+
+    style_share: [steps, layers, C] float in [0, 1] (the share of decisions the style won in that cell; NaN: no
+    decision). A cell is the subject's colour (PALETTE) where the subject always won, STYLE_COLOUR where the
+    style always won, mixed in between; undecided cells are light grey. Each panel is titled with its label.
+    """
+    share = style_share.detach().float().cpu()
+    steps, layers, regions = share.shape
+    title, gap = 14, 4
+    panel_w, panel_h = max(steps * cell, 60), layers * cell
+    picture = Image.new("RGB", (regions * (panel_w + gap) + gap, title + panel_h + gap), (0, 0, 0))
+    style = torch.tensor(STYLE_COLOUR, dtype=torch.float64)
+    undecided = torch.tensor(UNDECIDED_COLOUR, dtype=torch.float64)
+    draw = ImageDraw.Draw(picture)
+    for c in range(regions):
+        own = torch.tensor(PALETTE[c % len(PALETTE)], dtype=torch.float64)
+        s = share[..., c].double().T  # [layers, steps]
+        rgb = own * (1.0 - s.nan_to_num(0.0))[..., None] + style * s.nan_to_num(0.0)[..., None]
+        rgb = torch.where(s.isnan()[..., None], undecided, rgb)
+        cells = rgb.repeat_interleave(cell, 0).repeat_interleave(cell, 1).round().to(torch.uint8).numpy()
+        left = gap + c * (panel_w + gap)
+        picture.paste(Image.fromarray(cells), (left, title))
+        draw.text((left, 1), str(labels[c]), fill=(255, 255, 255))
+    return picture

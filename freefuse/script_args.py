@@ -68,7 +68,7 @@ INPUT_DEFAULTS = {
 _SINCE_02 = (  # what came after 0.2's layouts, in the order it came: style fusion, latent refinement
     "style_loras", "style_selector", "style_floor", "style_ramp", "style_tokens",
     "refine", "refine_strength", "refine_start", "refine_end", "refine_style_weight", "refine_subject_weight",
-    "refine_clip", "refine_dino", "style_reference", "subject_references",
+    "refine_clip", "refine_dino", "style_reference", "subject_references", "style_picture",
 )  # fmt: skip
 _LAST_OF_01 = "token_exclusion"  # the last setting of version 0.1
 _AFTER_01 = ("values_for", "save_mask_picture", "layout_use", "hint_strength", "masks_from", "export_masks",

@@ -274,6 +274,10 @@ class FreeFuseSettings:
         group="style",
         bounds=(16, 65536), step=16,
     )  # fmt: skip
+    style_picture: bool = _knob(
+        False, "Style map picture", "Add a picture per subject region: where the style won, by step and layer.",
+        group="style",
+    )  # fmt: skip
     # --- latent refinement (freefuse.refine)
     refine: bool = _knob(
         False, "Latent refinement", "Pull each step toward the reference images (CLIP/DINO from models/); slow.",

@@ -28,7 +28,7 @@ from freefuse.forge.session import Plan, Session, SubjectSpec
 from freefuse.layout_inputs import AUTOMATIC, LayoutChoice, LockedMasks, choose_layout, locked_from, whole_image
 from freefuse.masks import TRAITS
 from freefuse.partition import SubjectMasks
-from freefuse.preview import mask_images, mask_overlay, tensor_to_image
+from freefuse.preview import mask_images, mask_overlay, style_map_picture, tensor_to_image
 from freefuse.refine_inputs import read_references
 from freefuse.settings import INFOTEXT_KEY, FreeFuseSettings, in_user_words
 
@@ -94,7 +94,7 @@ class FirstPass:
     subjects: list[SubjectSpec]
     choice: LayoutChoice  # the user's layout for this batch and each subject's source
     masks: SubjectMasks | None = None  # set when the first pass's session ends
-    style: list | None = None  # [style specs, per region the share of decisions the subject won]
+    style: list | None = None  # [style specs, per region the subject's share of wins, style share [steps, layers, C]]
 
 
 class Generation:
@@ -115,6 +115,7 @@ class Generation:
         self._final_images: dict[int, int] = {}  # id() of each final image Forge will save -> its index
         self._final_ids: dict[int, int] = {}  # id() of every final image -> its index (its place in the response)
         self.sampled = False  # a sampling pass of this batch reached process_before_every_sampling
+        self._style_pictures: list = []  # this batch's style map picture, added after its mask pictures
 
     # ------------------------------------------------------------------ Forge callbacks
     def record_settings(self, p) -> None:
@@ -198,6 +199,8 @@ class Generation:
             if self.settings.show_masks or self.settings.save_mask_picture:
                 labels = [lora + source + share for lora, source, share in zip(loras, sources, styled, strict=True)]
                 self._add_pictures(p, images, masks, labels, first)
+            p.extra_result_images.extend(self._style_pictures)
+            self._style_pictures.clear()
             if self.settings.export_masks and not cropped:
                 self._add_exports(p, images, masks, loras, first)
         finally:
@@ -231,7 +234,7 @@ class Generation:
             self.first_pass.masks = session.masks
         session.close()
         if session.style_report is not None and self.first_pass is not None:
-            self.first_pass.style = [session.plan.styles, session.style_report]
+            self.first_pass.style = [session.plan.styles, session.style_report, session.style_map]
         if p is not None:
             for message in session.messages:
                 tell(p, message)
@@ -393,7 +396,7 @@ class Generation:
     def _report_style(self, p, first: int, count: int) -> list[str]:
         """The "FreeFuse style" entry of this batch's images, and a note when a region's choice never varied;
         returns each region's share for the mask picture's legend ("" where nothing was decided)."""
-        styles, shares = self.first_pass.style
+        styles, shares, style_map = self.first_pass.style
         subjects = self.first_pass.subjects
         selector = self.settings.style_selector
         parts, legend = [], []
@@ -413,6 +416,9 @@ class Generation:
             line = f"{', '.join(s.lora for s in styles)} (sum): style and subjects added everywhere"
         for i in range(count):
             self.style_lines[first + i] = line
+        if self.settings.style_picture and selector != "sum" and style_map is not None:
+            labels = [f"{s.lora}{share}" for s, share in zip(subjects, legend, strict=True)]
+            self._style_pictures.append(style_map_picture(style_map, labels))  # shown after the mask picture
         return legend if selector != "sum" else [""] * len(subjects)
 
     def _style_infotext(self, **where) -> str | None:

@@ -119,6 +119,7 @@ class Session:
         self.runtime: RuntimeLoras | None = None
         self.fusion: StyleFusion | None = None  # subject + style selection, when a style LoRA is marked
         self.style_report: list[float | None] | None = None  # per region: the share the subject won
+        self.style_map: torch.Tensor | None = None  # [steps, layers, C]: the style's share (NaN: undecided)
         self.refinement = plan.refinement  # corrects each step's x0 in its window (post-CFG)
         self.family = None  # FluxFamily / SdxlFamily, chosen at install
         self.level_grid: tuple[int, int] | None = None  # UNet: image grid of the transformer running now
@@ -194,7 +195,7 @@ class Session:
         self.pending_maps = None
         self.runtime = None
         if self.fusion is not None:
-            self.style_report = self.fusion.report()
+            self.style_report, self.style_map = self.fusion.report()
             self.fusion = None
         if self.refinement is not None:
             self.refinement.close()

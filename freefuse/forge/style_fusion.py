@@ -25,9 +25,12 @@ class StyleFusion:
         self.ramp = settings.style_ramp
         self.n_subjects = len(session.plan.subjects)
         self.style_owner = self.n_subjects
-        self.styled = {id(layer) for layer in layers if _owns(layer.delta, self.style_owner)}
-        self.wins: torch.Tensor | None = None  # [C] subject wins in each region, on the device
-        self.decisions: torch.Tensor | None = None  # [C] decisions made in each region
+        styled = [layer for layer in layers if _owns(layer.delta, self.style_owner)]
+        self.styled = {id(layer) for layer in styled}
+        self.row_of = {id(layer): k for k, layer in enumerate(styled)}  # a row per styled layer, in model order
+        self.steps = max(1, session.plan.sigmas.numel() - 1)
+        self.wins: torch.Tensor | None = None  # [steps, layers, C] subject wins per step, layer and region (device)
+        self.decisions: torch.Tensor | None = None  # [steps, layers, C] decisions made there
         self.klora = _klora_scores(layers, self.styled, self.n_subjects) if self.selector == "klora" else {}
 
     def applies(self, layer) -> bool:
@@ -42,6 +45,7 @@ class StyleFusion:
             weights = torch.ones(shape.rows, self.n_subjects + 1, device=x.device, dtype=x.dtype)
         if self.selector == "klora":
             u, u_text = self._klora(layer, call.step)
+            self._count(u[None], torch.ones_like(u[None], dtype=torch.bool), layer, call.step)
             return style.fixed_weights(weights, layer.layout, shape.n_txt, u, u_text, self.floor)
         cond_rows = self.session.cached(("cond rows", shape, x.device), lambda: _cond_rows(shape, x.device))
         fused, u, decided = style.fuse_layer(
@@ -56,13 +60,18 @@ class StyleFusion:
             max_tokens=self.max_tokens,
             floor=self.floor,
         )
-        self._count(u, decided)
+        self._count(u, decided, layer, call.step)
         return fused
 
-    def _count(self, u, decided) -> None:
-        wins, made = (u * decided).sum(0), decided.float().sum(0)  # [C], on the device: no sync here
-        self.wins = wins if self.wins is None else self.wins + wins.to(self.wins.device)
-        self.decisions = made if self.decisions is None else self.decisions + made.to(self.decisions.device)
+    def _count(self, u, decided, layer, step: int) -> None:
+        """Add one call's decisions ``u`` / ``decided`` ``[B, C]`` to its step and layer (on the device: no sync)."""
+        wins, made = (u * decided).sum(0), decided.float().sum(0)  # [C]
+        if self.wins is None:
+            self.wins = wins.new_zeros(self.steps, len(self.row_of), wins.shape[0])
+            self.decisions = torch.zeros_like(self.wins)
+        at = (min(step, self.steps - 1), self.row_of[id(layer)])
+        self.wins[at] += wins.to(self.wins)
+        self.decisions[at] += made.to(self.decisions)
 
     def _klora(self, layer, step: int) -> tuple[torch.Tensor, float]:
         steps = max(1, self.session.plan.sigmas.numel() - 1)
@@ -73,16 +82,19 @@ class StyleFusion:
         subject, versus, balance, text = scores
         u = [float(style.klora_uses_subject(subject[i], versus[i], balance[i], ramp)) for i in range(self.n_subjects)]
         u_text = float(style.klora_uses_subject(text[0], text[1], text[2], ramp))
-        made = torch.ones(self.n_subjects)
-        self._count(torch.tensor(u)[None], made[None].bool())
         return torch.tensor(u), u_text
 
-    def report(self) -> list[float | None]:
-        """Per subject region: the share of decisions the subject won (None: no decision was made)."""
+    def report(self) -> tuple[list[float | None], torch.Tensor | None]:
+        """Per subject region the share of decisions the subject won (None: no decision was made), and the style's
+        share per step, layer and region ``[steps, layers, C]`` (NaN where nothing was decided), on the CPU."""
         if self.wins is None:
-            return [None] * self.n_subjects
-        wins, made = self.wins.float().cpu().tolist(), self.decisions.float().cpu().tolist()  # the one sync
-        return [w / m if m > 0 else None for w, m in zip(wins, made, strict=True)]
+            return [None] * self.n_subjects, None
+        wins, made = self.wins.float().cpu(), self.decisions.float().cpu()  # the one sync
+        totals = [
+            w / m if m > 0 else None for w, m in zip(wins.sum((0, 1)).tolist(), made.sum((0, 1)).tolist(), strict=True)
+        ]
+        style_share = torch.where(made > 0, 1.0 - wins / made.clamp(min=1e-9), torch.full_like(made, float("nan")))
+        return totals, style_share
 
 
 def _cond_rows(shape, device) -> torch.Tensor:

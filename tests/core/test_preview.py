@@ -129,3 +129,25 @@ def test_tensor_to_image_keeps_pixel_values_and_layout():
     pil = tensor_to_image(image)
     assert pil.size == (4, 2) and pil.mode == "RGB"
     assert pil.getpixel((3, 1)) == (255, 0, 128) and pil.getpixel((0, 0)) == (0, 0, 128)
+
+
+def test_the_style_map_picture_has_a_cell_per_step_and_layer_in_each_region():
+    from freefuse.preview import PALETTE, STYLE_COLOUR, UNDECIDED_COLOUR, style_map_picture
+
+    share = torch.zeros(12, 3, 2)  # [steps, layers, regions]
+    share[:, :, 1] = 1.0  # the style always won in the second region
+    share[0, 0, 0] = float("nan")  # no decision at step 0, layer 0 of the first
+    share[5, 2, 0] = 0.5
+    picture = style_map_picture(share, ["harry 8% style", "daiyu 100% style"], cell=6)
+    title, gap = 14, 4
+    panel_w = 12 * 6
+    assert picture.size == (2 * (panel_w + gap) + gap, title + 3 * 6 + gap)
+
+    def at(region, step, layer):
+        return picture.getpixel((gap + region * (panel_w + gap) + step * 6 + 3, title + layer * 6 + 3))
+
+    assert at(0, 1, 0) == PALETTE[0]  # the subject won
+    assert at(0, 0, 0) == UNDECIDED_COLOUR
+    assert at(1, 7, 1) == STYLE_COLOUR
+    half = tuple(round((a + b) / 2) for a, b in zip(PALETTE[0], STYLE_COLOUR, strict=True))
+    assert all(abs(x - y) <= 1 for x, y in zip(at(0, 5, 2), half, strict=True))

@@ -19,7 +19,7 @@ def test_the_positional_order_is_a_contract_values_for_follows_token_exclusion()
         "style_loras", "style_selector", "style_floor", "style_ramp", "style_tokens",
         "refine", "refine_strength", "refine_start", "refine_end", "refine_style_weight", "refine_subject_weight",
         "refine_clip", "refine_dino",
-        "style_reference", "subject_references",
+        "style_reference", "subject_references", "style_picture",
     ]  # fmt: skip
     not_settings = ("values_for", "layout", "layout_masks", "locked_masks", "style_reference", "subject_references")
     assert sorted(n for n in names if n not in not_settings) == sorted(setting_names())

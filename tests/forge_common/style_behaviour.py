@@ -159,3 +159,25 @@ def test_a_style_without_any_subject_is_said_and_freefuse_steps_aside(harness, w
     )  # fmt: skip
     assert [c for c in p.comments if "style fusion needs a subject LoRA" in c]
     assert entry(p, "FreeFuse") is None and sessions.active() is None
+
+
+@pytest.mark.parametrize("selector", ["kl", "klora"])
+def test_the_style_map_picture_shows_each_region_by_step_and_layer(harness, webui, model, selector):
+    from freefuse.preview import UNDECIDED_COLOUR
+
+    plain = _with_style(harness, webui, model, style_selector=selector)
+    p = _with_style(harness, webui, model, style_selector=selector, style_picture=True)
+    assert len(p.extra_result_images) == len(plain.extra_result_images) + 1  # the mask picture, then the map
+    picture = p.extra_result_images[-1]
+    steps, panel_w, cell, title, gap = 4, 60, 6, 14, 4  # 4 steps: panels at their 60 px minimum width
+    assert picture.width == 2 * (panel_w + gap) + gap
+    layers = (picture.height - title - gap) // cell
+    assert layers > 1 and picture.height == title + layers * cell + gap  # a row per LoRA layer with a style
+
+    def decided(step):  # any layer of the first region's panel decided at that step
+        cells = [picture.getpixel((gap + step * cell + cell // 2, title + k * cell + cell // 2)) for k in range(layers)]
+        return any(c != UNDECIDED_COLOUR for c in cells)
+
+    # restart schedule: masks from step 0, so every step decided in the region (text-only layers never do)
+    assert all(decided(step) for step in range(steps))
+    assert torch.equal(p.latent, plain.latent)  # the picture changes nothing of the image
