@@ -49,6 +49,12 @@ def test_one_subject_and_a_style_fuse_over_the_whole_image(webui, checkpoint, pa
     subjects = entry(result.infotexts[0], "FreeFuse subjects")
     assert subjects.endswith(" 100%") and "," not in subjects, subjects  # one subject, everywhere
     assert entry(result.infotexts[0], "FreeFuse style").startswith(f"{style} (kl): ")
+    mapped = webui.txt2img(
+        {**payload, "prompt": single, "alwayson_scripts": freefuse(style_loras=style, style_picture=True)}
+    )
+    assert len(mapped.images) == len(result.images) + 1  # the style map comes back as one more image
+    panel = max(payload["steps"] * 6, 60)  # a 6 px column per step, at least 60 px
+    assert mapped.images[-1].width == panel + 2 * 4  # one region: one panel and the margins
 
 
 def test_style_marks_that_do_not_fit_are_said_and_paste_back_restores_the_style_settings(webui):
