@@ -66,6 +66,12 @@ def base_of(h0: Tensor, metric: str) -> Tensor | None:
     return None
 
 
+def at_tokens(t: Tensor, rows: Tensor, tokens: Tensor) -> Tensor:
+    """``t[rows][:, tokens]`` gathered in one step: ``[rows, L, ...]`` -> ``[len(rows), len(tokens), ...]``
+    without first copying every token of the rows (a layer's whole output, hundreds of MiB on FLUX)."""
+    return t[rows.to(t.device)[:, None], tokens.to(t.device)[None, :]]
+
+
 def sampled_tokens(n_tokens: int, max_tokens: int, device=None) -> Tensor:
     """A deterministic strided subset of at most ``max_tokens`` of ``n_tokens`` positions (all when fewer)."""
     stride = max(1, math.ceil(n_tokens / max(1, max_tokens)))
@@ -236,12 +242,14 @@ def fuse_layer(
     decided = torch.zeros(len(cond_rows), n_subjects, dtype=torch.bool, device=weights.device)
     if image.stop > image.start:
         tokens = image.start + sampled_tokens(image.stop - image.start, max_tokens, weights.device)
-        regions = weights[cond_rows][:, tokens, :-1]  # [B, n, C]: the subjects' masks there
-        u, decided = select(h0[cond_rows][:, tokens], deltas_at(cond_rows, tokens), regions, metric, bias, kappa)
+        regions = at_tokens(weights, cond_rows, tokens)[..., :-1]  # [B, n, C]: the subjects' masks there
+        h0_at = at_tokens(h0, cond_rows, tokens)
+        u, decided = select(h0_at, deltas_at(cond_rows, tokens), regions, metric, bias, kappa)
         fused[:, image] = fused_image_weights(weights[:, image], share_with_uncond(u, range(n_chunks)), floor)
     if text.stop > text.start:
         tokens = text.start + sampled_tokens(text.stop - text.start, max_tokens, weights.device)
-        u_text = select_text(h0[cond_rows][:, tokens], deltas_at(cond_rows, tokens), n_subjects, metric, bias, kappa)
+        h0_at = at_tokens(h0, cond_rows, tokens)
+        u_text = select_text(h0_at, deltas_at(cond_rows, tokens), n_subjects, metric, bias, kappa)
         fused[:, text] = fused_text_weights(weights[:, text], share_with_uncond(u_text, range(n_chunks)), floor)
     if flat:
         fused = fused[:, 0]

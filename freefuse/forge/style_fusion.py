@@ -114,7 +114,7 @@ def _deltas_at(layout: str, delta, x, ranks):
         by_pixel = ranks.flatten(2).transpose(1, 2)  # [rows, h*w, R]
 
         def at(rows, tokens):
-            picked = by_pixel[rows][:, tokens]
+            picked = style.at_tokens(by_pixel, rows, tokens)
             return lambda owner: delta.owner_delta(None, picked, owner)
 
         return at
@@ -122,7 +122,7 @@ def _deltas_at(layout: str, delta, x, ranks):
         x, ranks = x[:, None], ranks[:, None]
 
     def at(rows, tokens):
-        x_picked, ranks_picked = x[rows][:, tokens], ranks[rows][:, tokens]
+        x_picked, ranks_picked = style.at_tokens(x, rows, tokens), style.at_tokens(ranks, rows, tokens)
         return lambda owner: delta.owner_delta(x_picked, ranks_picked, owner)
 
     return at

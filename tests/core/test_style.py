@@ -195,3 +195,13 @@ def test_fixed_weights_for_conv_layers_keep_their_layout():
     fused = fixed_weights(weights, "conv", 0, torch.tensor([1.0, 0.0]), 1.0)
     assert fused.shape == (2, 3, 2, 2)
     assert fused[0, :, 0, 0].tolist() == [1.0, 0.0, 0.0] and fused[0, :, 1, 0].tolist() == [0.0, 0.0, 1.0]
+
+
+def test_at_tokens_is_rows_then_tokens_in_one_gather():
+    from freefuse.style import at_tokens
+
+    t = torch.arange(3 * 5 * 2).reshape(3, 5, 2)
+    rows, tokens = torch.tensor([2, 0]), torch.tensor([4, 1, 3])
+    assert torch.equal(at_tokens(t, rows, tokens), t[rows][:, tokens])
+    view = t.transpose(1, 2)  # a conv layer's [rows, C, h*w] seen as [rows, h*w, C] (not contiguous)
+    assert torch.equal(at_tokens(view, rows, torch.tensor([1])), view[rows][:, [1]])
