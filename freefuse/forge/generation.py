@@ -116,6 +116,7 @@ class Generation:
         self._final_ids: dict[int, int] = {}  # id() of every final image -> its index (its place in the response)
         self.sampled = False  # a sampling pass of this batch reached process_before_every_sampling
         self._style_pictures: list = []  # this batch's style map picture, added after its mask pictures
+        self._refinement_prepared: tuple | None = None  # (key, Refinement or None, messages): models and anchors
 
     # ------------------------------------------------------------------ Forge callbacks
     def record_settings(self, p) -> None:
@@ -212,6 +213,7 @@ class Generation:
         generation stays held by the script (models, pictures)."""
         self._end_session(None)
         self.first_pass = None
+        self._refinement_prepared = None
         if processed is not None and self.exported:  # the API returns processed.images, then the extra images
             shown = {self._final_ids.get(id(img)): place for place, img in enumerate(processed.images)}
             processed.extra_generation_params[EXPORTED_KEY] = [
@@ -337,17 +339,20 @@ class Generation:
             if any(value not in (None, "", [], {}) for value in given):
                 tell(p, "reference images were given but refine is off, so they are not used")
             return None
-        try:
-            refs = read_references(*given, loras, allow_paths=not getattr(p, "is_api", False))
-            refinement, messages = forge_refinement.prepare(
-                self.settings, refs, loras, getattr(p.sd_model.forge_objects, "vae", None)
-            )
-        except Exception as err:  # noqa: BLE001 - refinement must never cost the generation FreeFuse itself
-            log.exception("FreeFuse: preparing latent refinement failed")
-            refinement, messages = None, [f"latent refinement could not be prepared ({err}); it did not run"]
+        vae = getattr(p.sd_model.forge_objects, "vae", None)
+        key = (tuple(loras), id(vae))
+        if self._refinement_prepared is None or self._refinement_prepared[0] != key:  # once per job, not per batch
+            try:
+                refs = read_references(*given, loras, allow_paths=not getattr(p, "is_api", False))
+                prepared = forge_refinement.prepare(self.settings, refs, loras, vae)
+            except Exception as err:  # noqa: BLE001 - refinement must never cost the generation FreeFuse itself
+                log.exception("FreeFuse: preparing latent refinement failed")
+                prepared = None, [f"latent refinement could not be prepared ({err}); it did not run"]
+            self._refinement_prepared = (key, *prepared)
+        _, refinement, messages = self._refinement_prepared
         for message in messages:
             tell(p, message)
-        return refinement
+        return refinement.fresh() if refinement is not None else None
 
     def _layout_choice(self, p, family: str, loras: list[str]) -> LayoutChoice:
         """The user's layout for these subjects (drawn, hinted, locked), cropped to an inpaint region."""

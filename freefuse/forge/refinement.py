@@ -12,6 +12,7 @@ be moved), made at the first corrected step and dropped when the session ends.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -264,6 +265,10 @@ class Refinement:
     masks_seen: bool = False  # the masks existed at some evaluation (else the window could not matter)
     _device: dict | None = None  # this session's copies on the sampling device: decoder, clip, dino
     _boxes: tuple[int, list] | None = None  # (id of the masks, per subject its box per image)
+
+    def fresh(self) -> Refinement:
+        """The same models and anchors with nothing run yet (one per sampling pass)."""
+        return dataclasses.replace(self, losses=[], failed=None, masks_seen=False, _device=None, _boxes=None)
 
     def step(self, x0: torch.Tensor, step: int, steps: int, masks: SubjectMasks | None) -> torch.Tensor:
         """The corrected x0 of a step's first evaluation ([B, C, h, w]), or x0 itself (outside the window, or
