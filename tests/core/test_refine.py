@@ -10,7 +10,6 @@ import torch
 from freefuse import refine
 from tests.tiny.encoders import TinyDecoder, tiny_clip, tiny_dino
 
-pytest.importorskip("transformers")
 
 
 @pytest.fixture(scope="module")
