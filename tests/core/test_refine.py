@@ -11,7 +11,6 @@ from freefuse import refine
 from tests.tiny.encoders import TinyDecoder, tiny_clip, tiny_dino
 
 
-
 @pytest.fixture(scope="module")
 def clip():
     return refine.clip_encoder(tiny_clip(), "tiny-clip")
