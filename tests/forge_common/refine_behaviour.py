@@ -183,3 +183,33 @@ def test_a_clip_file_that_does_not_load_is_said_and_the_next_one_is_used(harness
     assert [c for c in p.comments if "(style by CLIP tiny-clip; " in c], p.comments
     again = generate(harness, webui, both, [{**REFINE, **REFS}], vae=tiny_vae(FLUX_LATENT))  # not loaded again,
     assert [c for c in again.comments if c.startswith("FreeFuse: could not load clip-broken")]  # still said
+
+
+def test_models_and_anchors_are_prepared_once_per_job_and_each_pass_starts_fresh(webui, on_disk, monkeypatch):
+    import types
+
+    from freefuse.forge.generation import Generation
+    from freefuse.settings import FreeFuseSettings
+
+    calls = []
+    real = forge_refinement.prepare
+
+    def counting(*args):
+        calls.append(args)
+        return real(*args)
+
+    monkeypatch.setattr(forge_refinement, "prepare", counting)
+    settings = FreeFuseSettings.from_dict({**REFINE, "refine": True})
+    generation = Generation(settings, "flux", dict(REFS))
+    p = types.SimpleNamespace(
+        is_api=True, extra_generation_params={}, sd_model=types.SimpleNamespace(
+            forge_objects=types.SimpleNamespace(vae=tiny_vae(FLUX_LATENT)))
+    )  # fmt: skip
+    first = generation._refinement(p, ["A", "B"])
+    first.losses.append((1, 0.5))  # what a pass leaves behind
+    second = generation._refinement(p, ["A", "B"])  # the next batch of the same job
+    assert len(calls) == 1
+    assert second is not first and second.losses == [] and second.clip is first.clip
+    generation.finish()
+    generation._refinement(p, ["A", "B"])  # a new job prepares again
+    assert len(calls) == 2
