@@ -224,7 +224,7 @@ class MaskedDelta:
         return self.add_to(out, x, token_weights).to(x.dtype)
 
     def ranks(self, x: Tensor) -> Tensor:
-        """The rank activations ``x @ D^T`` [..., L, R_total] that ``add_to`` and ``owner_deltas`` share."""
+        """The rank activations ``x @ D^T`` [..., L, R_total] that ``add_to`` and ``owner_delta`` share."""
         return F.linear(x.to(self.dtype), self.down)
 
     def owner_delta(self, x: Tensor, ranks: Tensor, owner: int) -> Tensor:
@@ -239,10 +239,6 @@ class MaskedDelta:
             if o == owner:
                 out[..., start:stop] += F.linear(x.to(self.dtype), w)
         return out
-
-    def owner_deltas(self, x: Tensor, ranks: Tensor) -> Tensor:
-        """Every owner's own delta: [..., n, A, out_features] (A = n_owners)."""
-        return torch.stack([self.owner_delta(x, ranks, o) for o in range(self._n_owners)], dim=-2)
 
     def owner_weight(self, owner: int) -> Tensor:
         """One owner's whole delta weight [out_features, in_features], dense, float32 (K-LoRA's scores)."""

@@ -93,7 +93,7 @@ class MaskedConvDelta:
 
     def ranks(self, x: Tensor) -> Tensor:
         """The rank activations [B, R_total, h', w'] (every LoRA's down conv) that the delta and
-        ``owner_deltas`` share."""
+        ``owner_delta`` share."""
         return F.conv2d(
             x.to(self.down.dtype), self.down, stride=self.stride, padding=self.padding, dilation=self.dilation
         )
@@ -103,10 +103,6 @@ class MaskedConvDelta:
         pixels, channels last) -> [..., n, out], unweighted (``x`` is not needed: ``up`` is 1x1)."""
         columns = self._owner_columns[owner].to(ranks.device)
         return F.linear(ranks.to(self.up.dtype)[..., columns], self.up[:, columns, 0, 0])
-
-    def owner_deltas(self, x, ranks: Tensor) -> Tensor:
-        """Every owner's own delta: [..., n, A, out]."""
-        return torch.stack([self.owner_delta(x, ranks, o) for o in range(self.n_owners)], dim=-2)
 
     def owner_weight(self, owner: int) -> Tensor:
         """One owner's whole delta weight [out, in * kh * kw], dense, float32 (K-LoRA's scores)."""

@@ -264,11 +264,11 @@ class Refinement:
     failed: str | None = None
     masks_seen: bool = False  # the masks existed at some evaluation (else the window could not matter)
     _device: dict | None = None  # this session's copies on the sampling device: decoder, clip, dino
-    _boxes: tuple[int, list] | None = None  # (id of the masks, per subject its box per image)
+    _targets_for: tuple | None = None  # (the masks, the targets built for them on the device)
 
     def fresh(self) -> Refinement:
         """The same models and anchors with nothing run yet (one per sampling pass)."""
-        return dataclasses.replace(self, losses=[], failed=None, masks_seen=False, _device=None, _boxes=None)
+        return dataclasses.replace(self, losses=[], failed=None, masks_seen=False, _device=None, _targets_for=None)
 
     def step(self, x0: torch.Tensor, step: int, steps: int, masks: SubjectMasks | None) -> torch.Tensor:
         """The corrected x0 of a step's first evaluation ([B, C, h, w]), or x0 itself (outside the window, or
@@ -309,24 +309,26 @@ class Refinement:
         return self._device
 
     def _targets(self, masks: SubjectMasks, models: dict, device) -> refine.Targets:
-        if self._boxes is None or self._boxes[0] != id(masks):
-            boxes = [[refine.box_of(masks.masks[b, c]) for b in range(masks.masks.shape[0])]
-                     for c in range(masks.masks.shape[1])]  # fmt: skip
-            self._boxes = (id(masks), boxes)
+        """The targets on the device with each subject's box per image, built once per set of masks."""
+        if self._targets_for is not None and self._targets_for[0] is masks:
+            return self._targets_for[1]
         clip = refine.clip_encoder(models["clip"], self.clip_name)
         dino = models["dino"]
         subject = refine.dino_encoder(dino, self.subject_name) if dino is not None else clip
         subjects = [
-            refine.SubjectTarget(subject, anchor.to(device), self._boxes[1][c])
+            refine.SubjectTarget(subject, anchor.to(device), [refine.box_of(m) for m in masks.masks[:, c]])
             for c, anchor in enumerate(self.subject_anchors)
-            if anchor is not None and c < len(self._boxes[1])
+            if anchor is not None and c < masks.masks.shape[1]
         ]
         style = self.style_anchor.to(device) if self.style_anchor is not None else None
-        return refine.Targets(clip if style is not None else None, style, subjects)
+        targets = refine.Targets(clip if style is not None else None, style, subjects)
+        self._targets_for = (masks, targets)
+        return targets
 
     def close(self) -> None:
         """Free this session's device copies (the loaded encoders stay on the CPU for the next run)."""
         self._device = None
+        self._targets_for = None
 
     def report(self, steps: int) -> str:
         """One sentence on what ran, for the image's notes."""

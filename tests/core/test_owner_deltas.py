@@ -24,9 +24,10 @@ def _linear_delta():
     return MaskedDelta(8, factors, dense, dtype=torch.float64)
 
 
-def test_linear_owner_deltas_equal_the_fused_path_with_one_hot_weights():
+def test_linear_owner_delta_equals_the_fused_path_with_one_hot_weights():
     delta, x = _linear_delta(), _rand(2, 5, 6)
-    per_owner = delta.owner_deltas(x, delta.ranks(x))  # [2, 5, 3, 8]
+    ranks = delta.ranks(x)
+    per_owner = torch.stack([delta.owner_delta(x, ranks, o) for o in range(3)], dim=-2)  # [2, 5, 3, 8]
     for owner in range(3):
         one_hot = torch.zeros(2, 5, 3, dtype=torch.float64)
         one_hot[..., owner] = 1
@@ -44,12 +45,13 @@ def test_add_to_with_given_ranks_is_add_to():
     torch.testing.assert_close(delta.add_to(out, x, weights, ranks=delta.ranks(x)), delta(x, weights))
 
 
-def test_conv_owner_deltas_equal_the_fused_path_with_one_hot_weights():
+def test_conv_owner_delta_equals_the_fused_path_with_one_hot_weights():
     factors = [ConvLowRankFactor(down=_rand(2, 3, 3, 3), up=_rand(4, 2, 1, 1), scale=0.5, owner=o) for o in range(2)]
     delta = MaskedConvDelta(factors, padding=1, dtype=torch.float64)
     x = _rand(1, 3, 5, 5)
     ranks = delta.ranks(x)  # [1, R, 5, 5]
-    per_owner = delta.owner_deltas(x, ranks.flatten(2).transpose(1, 2))  # [1, 25, 2, 4]
+    by_pixel = ranks.flatten(2).transpose(1, 2)  # [1, 25, R]
+    per_owner = torch.stack([delta.owner_delta(x, by_pixel, o) for o in range(2)], dim=-2)  # [1, 25, 2, 4]
     for owner in range(2):
         one_hot = torch.zeros(1, 2, 5, 5, dtype=torch.float64)
         one_hot[:, owner] = 1
